@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+
+# no test may reach the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real data folder {DATA} is absent (it sits beside the checkout in CI)")
+    return DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(**overrides):
+    """A tiny fp32 CLA config; 4 layers so every sharing pattern differs."""
+    from crosslayer import CLAConfig
+
+    fields = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                  initializer_range=0.05)
+    fields.update(overrides)
+    return CLAConfig(**fields)
+
+
+def run_cli(*args: str, env=None):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "crosslayer", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=600)
