@@ -247,7 +247,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "a split name for hf sources; default: a fraction of the documents",
     )
     p.add_argument(
-        "--val-fraction", type=float, default=0.02, help="share of documents held out when --val is not given (default 0.02)"
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="share of documents held out when --val is not given (default 0.02)",
     )
     p.add_argument("--max-train-docs", type=int, default=None, metavar="N", help="use only the first N train documents")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -266,7 +269,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"prepared {meta['source']} -> {args.out}")
-    print(f"  tokenizer {meta['tokenizer']}: vocab {meta['vocab_size']}, eos id {meta['eos_token_id']}, {meta['dtype']}")
+    vocab, eos = meta["vocab_size"], meta["eos_token_id"]
+    print(f"  tokenizer {meta['tokenizer']}: vocab {vocab}, eos id {eos}, {meta['dtype']} ids")
     for split in SPLITS:
         s = meta["splits"][split]
         print(
@@ -315,7 +319,7 @@ def _parse_source(source: str, val: str | None) -> _SourceSpec:
         if val is not None:
             raise CrossLayerError("val is not supported for the stdlib source; use val_fraction instead")
         root = sysconfig.get_paths()["stdlib"]
-        ident = {"kind": "stdlib", "path": root, "python": "%d.%d" % sys.version_info[:2]}
+        ident = {"kind": "stdlib", "path": root, "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
         return _SourceSpec(kind="stdlib", text=source, identity=ident)
     if kind == "text" and sep and rest:
         val_pattern = val[len("text:") :] if val is not None and val.startswith("text:") else val
@@ -342,7 +346,13 @@ def _parse_source(source: str, val: str | None) -> _SourceSpec:
             "val_field": val_field if val_pattern else None,
         }
         return _SourceSpec(
-            kind="jsonl", text=source, pattern=pattern, field=field, val=val_pattern, val_field=val_field, identity=ident
+            kind="jsonl",
+            text=source,
+            pattern=pattern,
+            field=field,
+            val=val_pattern,
+            val_field=val_field,
+            identity=ident,
         )
     if kind == "hf" and sep and rest:
         name, _, config = rest.partition(":")
@@ -350,9 +360,7 @@ def _parse_source(source: str, val: str | None) -> _SourceSpec:
         name = str(local.absolute()) if local.is_dir() else name  # a local folder is identified by where it is
         ident = {"kind": "hf", "name": name, "config": config or None, "val": val}
         return _SourceSpec(kind="hf", text=source, name=name, config=config or None, val=val, identity=ident)
-    raise CrossLayerError(
-        f"unknown source {source!r}; use stdlib, text:GLOB, jsonl:GLOB:FIELD or hf:NAME[:CONFIG]"
-    )
+    raise CrossLayerError(f"unknown source {source!r}; use stdlib, text:GLOB, jsonl:GLOB:FIELD or hf:NAME[:CONFIG]")
 
 
 def _open_corpus(spec: _SourceSpec, val_fraction: float, max_train_docs: int | None) -> _Corpus:
@@ -366,11 +374,17 @@ def _open_corpus(spec: _SourceSpec, val_fraction: float, max_train_docs: int | N
             method = f"files matching {spec.val}"
         else:
             train_files, val_files = _split_files(files, val_fraction, spec)
-            method = f"{len(val_files)} of {len(files)} files by sha256 of their relative path (val_fraction {val_fraction})"
+            n_files = len(train_files) + len(val_files)
+            method = (
+                f"{len(val_files)} of {n_files} non-empty files, by sha256 of their relative path "
+                f"(val_fraction {val_fraction})"
+            )
         n_train = len(train_files) if max_train_docs is None else min(len(train_files), max_train_docs)
         return _Corpus(
             docs=_separate(
-                lambda: _read_text_files(train_files, strict), lambda: _read_text_files(val_files, strict), max_train_docs
+                lambda: _read_text_files(train_files, strict),
+                lambda: _read_text_files(val_files, strict),
+                max_train_docs,
             ),
             val_method=method,
             total=n_train + len(val_files),
@@ -525,7 +539,9 @@ def _without(files: list[tuple[str, Path]], val_files: list[tuple[str, Path]], s
     held_out = {path for _, path in val_files}
     kept = [(key, path) for key, path in files if path not in held_out]
     if not kept:
-        raise CrossLayerError(f"every file of source {spec.text!r} is also matched by val {spec.val!r}; nothing left to train on")
+        raise CrossLayerError(
+            f"every file of source {spec.text!r} is also matched by val {spec.val!r}; nothing left to train on"
+        )
     return kept
 
 
@@ -672,7 +688,9 @@ def _load_hf_tokenizer(name: str):
     except Exception as e:  # noqa: BLE001 - not found, no network, bad files: all "cannot load it"
         raise CrossLayerError(f"could not load tokenizer hf:{name}: {type(e).__name__}: {e}") from e
     if getattr(tok, "backend_tokenizer", None) is None:
-        raise CrossLayerError(f"tokenizer hf:{name} is not a fast (tokenizers-backed) tokenizer; it has no tokenizer.json")
+        raise CrossLayerError(
+            f"tokenizer hf:{name} is not a fast (tokenizers-backed) tokenizer; it has no tokenizer.json"
+        )
     if tok.eos_token_id is None:
         raise CrossLayerError(f"tokenizer hf:{name} has no EOS token to separate documents")
     return tok
@@ -718,7 +736,7 @@ def _tokenise(corpus: _Corpus, staging: Path, eos: int, dtype: str, progress: bo
     def flush(batch: list[tuple[str, str]]) -> None:
         encodings = encode([text for _, text in batch], add_special_tokens=False)
         for split, writer in writers.items():
-            chosen = [(text, enc.ids) for (s, text), enc in zip(batch, encodings) if s == split]
+            chosen = [(text, enc.ids) for (s, text), enc in zip(batch, encodings, strict=True) if s == split]
             if chosen:
                 writer.write([t for t, _ in chosen], [i for _, i in chosen])
 
@@ -778,18 +796,19 @@ def _existing_dataset(out_dir: Path, fingerprint: str) -> dict | None:
     if not out_dir.exists():
         return None
     if not out_dir.is_dir():
-        raise CrossLayerError(f"--out {str(out_dir)!r} exists and is not a folder")
+        raise CrossLayerError(f"output folder {str(out_dir)!r} exists and is not a folder")
     entries = [p for p in out_dir.iterdir() if not p.name.startswith(_STAGING_PREFIX)]
     if not entries:
         return None
     if not (out_dir / _META).is_file():
         raise CrossLayerError(
-            f"--out {str(out_dir)!r} is not empty and holds no prepared dataset; pick another folder or empty it"
+            f"output folder {str(out_dir)!r} is not empty and holds no prepared dataset"
+            "; pick another folder or empty it"
         )
     meta = read_meta(out_dir)
     if meta.get("fingerprint") != fingerprint:
         raise CrossLayerError(
-            f"--out {str(out_dir)!r} already holds data prepared with different arguments "
+            f"output folder {str(out_dir)!r} already holds data prepared with different arguments "
             f"(source {meta.get('source')!r}, tokenizer {meta.get('tokenizer')!r}); pick another folder or delete it"
         )
     itemsize = np.dtype(_DTYPES[meta["dtype"]]).itemsize
@@ -805,8 +824,9 @@ def _existing_dataset(out_dir: Path, fingerprint: str) -> dict | None:
 
 def _make_dirs(folder: Path) -> list[Path]:
     """Create `folder` and missing parents; return those created, outermost first."""
+    folder = folder.absolute()
     missing = []
-    for p in [folder, *folder.absolute().parents]:
+    for p in [folder, *folder.parents]:
         if p.exists():
             break
         missing.append(p)
@@ -842,7 +862,7 @@ def _versions() -> dict:
     import transformers
 
     return {
-        "python": "%d.%d.%d" % sys.version_info[:3],
+        "python": sys.version.split()[0],
         "tokenizers": tokenizers.__version__,
         "transformers": transformers.__version__,
     }

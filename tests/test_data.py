@@ -40,7 +40,7 @@ def documents(out: Path, split: str) -> list[str]:
     ends = np.flatnonzero(ids == meta["eos_token_id"])
     assert len(ids) and ids[-1] == meta["eos_token_id"], "every document, the last too, ends with EOS"
     starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tok.decode(ids[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends)]
+    return [tok.decode(ids[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends, strict=True)]
 
 
 def sha(path: Path) -> str:
@@ -118,7 +118,9 @@ def test_stdlib_split_is_by_file_and_deterministic(tmp_path):
 def test_text_with_explicit_val_files_round_trips(tmp_path):
     ptb = SHARED / "ptb"
     out = tmp_path / "ptb"
-    meta = data.prepare(f"text:{ptb}/ptb.train.txt", out, tokenizer="bpe:512", val=str(ptb / "ptb.valid.txt"), progress=False)
+    meta = data.prepare(
+        f"text:{ptb}/ptb.train.txt", out, tokenizer="bpe:512", val=str(ptb / "ptb.valid.txt"), progress=False
+    )
     check_meta_matches_files(out)
     train_text = (ptb / "ptb.train.txt").read_text(encoding="utf-8")
     val_text = (ptb / "ptb.valid.txt").read_text(encoding="utf-8")
@@ -144,12 +146,11 @@ def test_text_by_file_fraction_with_relative_recursive_glob(books, books_out, tm
     # whole books go to exactly one split: round(0.3 * 3) = 1 validation book
     assert len(train) == 2 and len(val) == 1
     assert sorted(train + val) == sorted(texts.values())
-    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(
-        (books / n).stat().st_size for n in ["a_modest_proposal.txt", "the_gift_of_the_magi.txt", "sub/the_yellow_wallpaper.txt"]
-    )
+    keys = ["a_modest_proposal.txt", "the_gift_of_the_magi.txt", "sub/the_yellow_wallpaper.txt"]
+    split_bytes = meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"]
+    assert split_bytes == sum((books / k).stat().st_size for k in keys)
     # round trip of the first document: train files are read in sorted order of relative path
-    first_train = min((k for k in ["a_modest_proposal.txt", "the_gift_of_the_magi.txt", "sub/the_yellow_wallpaper.txt"]
-                       if (books / k).read_text(encoding="utf-8") in train))
+    first_train = min(k for k in keys if (books / k).read_text(encoding="utf-8") in train)
     assert train[0] == (books / first_train).read_text(encoding="utf-8")
 
     # A relative glob resolves against the current folder and gives the same split; even a tiny
@@ -172,7 +173,9 @@ def test_token_dtype_choice():
 def test_jsonl_by_line_fraction(tmp_path):
     path = SHARED / "lambada_openai" / "lambada_openai.jsonl"
     contexts = [json.loads(line)["context"] for line in path.read_text(encoding="utf-8").splitlines()]
-    meta = data.prepare(f"jsonl:{path}:context", tmp_path / "lam", tokenizer="bpe:400", val_fraction=0.05, progress=False)
+    meta = data.prepare(
+        f"jsonl:{path}:context", tmp_path / "lam", tokenizer="bpe:400", val_fraction=0.05, progress=False
+    )
     check_meta_matches_files(tmp_path / "lam")
     train, val = meta["splits"]["train"], meta["splits"]["val"]
 
@@ -186,19 +189,30 @@ def test_jsonl_explicit_val_plain_glob_and_other_field(tmp_path):
     words = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex jolly kings".split()
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(60)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(lines)))
-    (tmp_path / "valid.jsonl").write_text(json.dumps({"body": "held out one"}) + "\n\n" + json.dumps({"body": None}) + "\n")
+    valid = [json.dumps({"body": "held out one"}), "", json.dumps({"body": None})]
+    (tmp_path / "valid.jsonl").write_text("\n".join(valid) + "\n")
     (tmp_path / "other.jsonl").write_text(json.dumps({"content": "held out two"}) + "\n")
 
     # the source glob also matches valid.jsonl: files held out for validation never reach train
-    plain = data.prepare(f"jsonl:{tmp_path}/[tv]*.jsonl:body", tmp_path / "o1", tokenizer="bpe:300",
-                         val=str(tmp_path / "valid.jsonl"), progress=False)
+    plain = data.prepare(
+        f"jsonl:{tmp_path}/[tv]*.jsonl:body",
+        tmp_path / "o1",
+        tokenizer="bpe:300",
+        val=str(tmp_path / "valid.jsonl"),
+        progress=False,
+    )
     assert plain["splits"]["train"]["documents"] == 60
     assert plain["splits"]["val"]["documents"] == 1  # blank line and null field skipped
     assert documents(tmp_path / "o1", "train") == lines
     assert documents(tmp_path / "o1", "val") == ["held out one"]
 
-    other = data.prepare(f"jsonl:{tmp_path}/train.jsonl:body", tmp_path / "o2", tokenizer="bpe:300",
-                         val=f"jsonl:{tmp_path}/other.jsonl:content", progress=False)
+    other = data.prepare(
+        f"jsonl:{tmp_path}/train.jsonl:body",
+        tmp_path / "o2",
+        tokenizer="bpe:300",
+        val=f"jsonl:{tmp_path}/other.jsonl:content",
+        progress=False,
+    )
     assert other["splits"]["train"]["documents"] == 60
     assert documents(tmp_path / "o2", "val") == ["held out two"]
     assert documents(tmp_path / "o2", "train") == lines
@@ -228,14 +242,28 @@ def test_hf_source_from_local_folder_offline(tmp_path):
     both.mkdir()
     train_only.mkdir()
     for folder in (both, train_only):
-        (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(rows)))
-    (both / "validation.jsonl").write_text("".join(json.dumps({"text": f"validation row {i}"}) + "\n" for i in range(20)))
+        (folder / "train.jsonl").write_text(
+            "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(rows))
+        )
+    (both / "validation.jsonl").write_text(
+        "".join(json.dumps({"text": f"validation row {i}"}) + "\n" for i in range(20))
+    )
 
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     # A subprocess, because datasets/huggingface_hub read the offline switches when imported.
-    done = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(both), str(train_only), str(tmp_path / "o1"),
-                           str(tmp_path / "o2")], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", HF_SCRIPT, str(both), str(train_only), str(tmp_path / "o1"), str(tmp_path / "o2")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with_val, by_fraction = json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -280,8 +308,9 @@ def test_saved_tokenizer_loads_with_autotokenizer(books_out):
 def test_existing_tokenizer_from_a_prepared_folder(books_out, tmp_path):
     ptb = SHARED / "ptb" / "ptb.valid.txt"
     out = tmp_path / "ptb_with_book_tokenizer"
-    meta = data.prepare(f"text:{ptb}", out, tokenizer=f"hf:{books_out}", val=str(SHARED / "ptb" / "ptb.test.txt"),
-                        progress=False)
+    meta = data.prepare(
+        f"text:{ptb}", out, tokenizer=f"hf:{books_out}", val=str(SHARED / "ptb" / "ptb.test.txt"), progress=False
+    )
     check_meta_matches_files(out)
     assert meta["vocab_size"] == 400 and meta["eos_token_id"] == 0
     # the new tokens are exactly the book tokenizer's encoding of the text, plus one EOS
@@ -409,8 +438,21 @@ def test_cli_prepare(books, tmp_path, capsys):
     data.add_parser(parser.add_subparsers(dest="command", required=True))
     assert parser.parse_args(["prepare", "--out", "x"]).source == "stdlib"
 
-    args = parser.parse_args(["prepare", f"text:{books}/**/*.txt", "--out", str(tmp_path / "cli"), "--tokenizer",
-                              "bpe:300", "--val-fraction", "0.3", "--max-train-docs", "1", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "prepare",
+            f"text:{books}/**/*.txt",
+            "--out",
+            str(tmp_path / "cli"),
+            "--tokenizer",
+            "bpe:300",
+            "--val-fraction",
+            "0.3",
+            "--max-train-docs",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     meta = data.read_meta(tmp_path / "cli")
