@@ -34,7 +34,18 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .config import CLAConfig
 
-SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor]]
+class SharedKV:
+    """Producer layer -> its full (past + new) rotated K/V, for one forward pass.
+
+    A plain object rather than a dict on purpose: wrappers such as FSDP2 rebuild the dicts, lists
+    and tuples they find in a module's arguments, which would hide a producer's writes from its
+    consumers; an object passes through by reference.
+    """
+
+    __slots__ = ("kv",)
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class CLARMSNorm(nn.Module):
@@ -180,9 +191,9 @@ class CLAAttention(nn.Module):
             k = apply_rotary(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, S, hd): past + new
-            shared_kv[self.layer_idx] = (k, v)
+            shared_kv.kv[self.layer_idx] = (k, v)
         else:
-            k, v = shared_kv[self.kv_source]
+            k, v = shared_kv.kv[self.kv_source]
 
         attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention
@@ -272,7 +283,7 @@ class CLAModel(CLAPreTrainedModel):
             cache=cache, position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        shared_kv: SharedKV = {}  # producer layer -> its full (past + new) rotated K/V, this forward only
+        shared_kv = SharedKV()
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(

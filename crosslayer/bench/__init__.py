@@ -1,0 +1,15 @@
+"""`crosslayer bench ...`: benchmarks that warm up, synchronise, repeat, and end with one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = ["crosslayer.bench.train"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (train throughput, ...)")
+    sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name in BENCHMARKS:
+        importlib.import_module(name).add_parser(sub)

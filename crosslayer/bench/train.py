@@ -1,0 +1,210 @@
+"""Training throughput: our trainer against a plain loop over transformers' LlamaForCausalLM.
+
+Every model sees the same batch shape, optimizer (AdamW, paper settings), gradient clipping and
+precision (bf16 autocast on CUDA, fp32 on CPU). Ours runs `Trainer.step()` — the exact code
+`crosslayer train` runs, data loading included; the baseline is the loop a transformers user
+writes. Tokens are random ids (throughput does not depend on them). Reports tokens/s, the ratios,
+and on CUDA the model FLOPs utilisation. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import CLAConfig
+from ..errors import CrossLayerError
+
+# dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
+
+
+def flops_per_token(config: CLAConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + 12 x layers x heads x head_dim x seq_len
+    (attention scores and values, forward and backward; PaLM's accounting, no causal discount)."""
+    matmul_params = config.num_parameters() - config.vocab_size * config.hidden_size  # the lookup is free
+    if config.tie_word_embeddings:
+        matmul_params += config.vocab_size * config.hidden_size  # ... but the tied head is a matmul
+    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_params + attn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _synthetic_dataset(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:
+    """A prepared-dataset folder of random ids, so `Trainer` runs unchanged."""
+    from ..data import FORMAT_VERSION
+
+    rng = np.random.default_rng(seed)
+    dtype = "uint16" if vocab <= 65536 else "uint32"
+    for split, n in (("train", tokens), ("val", 4096)):
+        rng.integers(0, vocab, n, dtype=np.int64).astype(dtype).tofile(folder / f"{split}.bin")
+    meta = {"format": "crosslayer-tokens", "format_version": FORMAT_VERSION, "source": "synthetic",
+            "tokenizer": "none", "vocab_size": vocab, "eos_token_id": 0, "dtype": dtype,
+            "splits": {"train": {"file": "train.bin", "tokens": tokens}, "val": {"file": "val.bin", "tokens": 4096}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _time_steps(step_fn, steps: int, warmup: int, repeats: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step_fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step_fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / steps)
+    return times
+
+
+def bench_ours(preset: str, data: Path, args, device: torch.device) -> dict:
+    from ..train import Trainer, TrainConfig
+
+    cfg = TrainConfig(model=preset, data=str(data), out="", seq_len=args.seq_len,
+                      batch_tokens=args.seq_len * args.micro_batch * args.accum, micro_batch=args.micro_batch,
+                      max_steps=10**6, device=str(device), compile=args.compile, progress=False)
+    trainer = Trainer(cfg)
+    times = _time_steps(trainer.step, args.steps, args.warmup, args.repeats, device)
+    config = trainer.model_config
+    del trainer
+    return _row(f"crosslayer {preset}", config, times, cfg.batch_tokens, args, device)
+
+
+def bench_hf_llama(preset: str, args, device: torch.device) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = CLAConfig.from_preset(preset)
+    if ours.num_producer_layers != ours.num_hidden_layers:
+        raise CrossLayerError(f"the transformers baseline needs a CLA1 shape, {preset} shares K/V")
+    config = LlamaConfig(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size,
+                         intermediate_size=ours.intermediate_size, num_hidden_layers=ours.num_hidden_layers,
+                         num_attention_heads=ours.num_attention_heads, num_key_value_heads=ours.num_key_value_heads,
+                         head_dim=ours.head_dim, max_position_embeddings=max(ours.max_position_embeddings, args.seq_len),
+                         initializer_range=ours.initializer_range, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).train()
+    if args.compile:
+        model = torch.compile(model)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    bf16 = device.type == "cuda"
+    rng = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        total = 0.0
+        for _ in range(args.accum):
+            batch = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=rng).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            (loss / args.accum).backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(total / args.accum)
+
+    times = _time_steps(step, args.steps, args.warmup, args.repeats, device)
+    del model, opt
+    return _row(f"transformers Llama ({preset} shape)", ours, times,
+                args.seq_len * args.micro_batch * args.accum, args, device)
+
+
+def _row(name: str, config: CLAConfig, times: list[float], batch_tokens: int, args, device) -> dict:
+    step_s = statistics.median(times)
+    tps = batch_tokens / step_s
+    row = {"name": name, "parameters": config.num_parameters(), "kv_bytes_per_token": config.kv_bytes_per_token(),
+           "step_s": step_s, "tokens_per_s": tps, "step_s_all": times}
+    peak = _peak(device)
+    if peak:
+        row["mfu"] = flops_per_token(config, args.seq_len) * tps / peak
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.empty_cache()
+    return row
+
+
+def _peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="training tokens/s: ours (CLA1, CLA2) vs transformers Llama",
+                              description=__doc__)
+    p.add_argument("--presets", default="small-H64-MQA,small-H64-MQA-CLA2",
+                   help="comma-separated presets for our trainer; the first must be CLA1 (the baseline's shape)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile both ours and the baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers' Llama")
+    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    vocab = max(CLAConfig.from_preset(p).vocab_size for p in presets)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _synthetic_dataset(Path(tmp), vocab, tokens=max(2_000_000, 4 * args.seq_len * args.micro_batch * args.accum))
+        if not args.no_baseline:
+            rows.append(bench_hf_llama(presets[0], args, device))
+        for preset in presets:
+            rows.append(bench_ours(preset, Path(tmp), args, device))
+    result = {"benchmark": "train", "device": _device_name(device), "torch": torch.__version__,
+              "seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum,
+              "precision": "bf16-autocast" if device.type == "cuda" else "fp32", "compile": args.compile,
+              "rows": rows}
+    ours = {r["name"].split(" ", 1)[1]: r for r in rows if r["name"].startswith("crosslayer ")}
+    if not args.no_baseline:
+        result["ours_over_transformers"] = ours[presets[0]]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    if len(presets) > 1:
+        result["second_over_first"] = ours[presets[1]]["tokens_per_s"] / ours[presets[0]]["tokens_per_s"]
+    print(f"device: {result['device']}, seq_len {args.seq_len}, {args.micro_batch} x {args.accum} sequences/step, "
+          f"{result['precision']}")
+    print(f"{'model':45s} {'params':>9s} {'KV B/tok':>9s} {'tokens/s':>11s} {'MFU':>6s}")
+    for r in rows:
+        mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
+        print(f"{r['name']:45s} {r['parameters'] / 1e6:>8.1f}M {r['kv_bytes_per_token']:>9,} "
+              f"{r['tokens_per_s']:>11,.0f} {mfu:>6s}")
+    if "ours_over_transformers" in result:
+        print(f"ours / transformers ({presets[0]}): {result['ours_over_transformers']:.3f}x")
+    if "second_over_first" in result:
+        print(f"{presets[1]} / {presets[0]}: {result['second_over_first']:.3f}x")
+    line = json.dumps(result)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line)
+    return 0

@@ -1,0 +1,231 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import crosslayer  # noqa: F401
+from crosslayer import CrossLayerError
+from crosslayer import train as train_mod
+from crosslayer.checkpoint import list_checkpoints, load_checkpoint
+from crosslayer.data import prepare
+from crosslayer.train import TrainConfig, load_train_config, lr_at, train
+
+from .conftest import REPO
+
+MODEL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=16, cla_factor=2, initializer_range=0.02)
+
+
+@pytest.fixture(scope="module")
+def ptb(tmp_path_factory, request):
+    """Penn Treebank (real text), BPE 512, prepared once for the module."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
+    if not data.is_dir():
+        pytest.skip(f"{data} absent")
+    out = tmp_path_factory.mktemp("ptb") / "data"
+    prepare(f"text:{data}/ptb.train.txt", out, tokenizer="bpe:512", val=f"{data}/ptb.valid.txt", progress=False)
+    return out
+
+
+def recipe(tmp_path, data, **kw):
+    cfg = dict(model=MODEL, data=str(data), out=str(tmp_path / "run"), seq_len=32, batch_tokens=1024,
+               micro_batch=8, max_steps=8, lr=3e-3, eval_every=4, eval_tokens=2048, log_every=1,
+               checkpoint_every=3, keep_checkpoints=2, progress=False)
+    cfg.update(kw)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run: Path) -> list:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r] + [(r["step"], r["val_loss"]) for r in rows
+                                                                     if "val_loss" in r]
+
+
+def cli(*args, **popen):
+    cmd = [sys.executable, "-m", "crosslayer", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, **popen)
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    cfg = TrainConfig(model="tiny-H32-MQA", data="d", out="o", max_steps=100, lr=1.0)
+    assert lr_at(0, cfg, 100) == pytest.approx(1 / 5)  # 5 warmup steps
+    assert lr_at(4, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(99, cfg, 100) == pytest.approx(0.1)
+    mid = lr_at(5 + 47, cfg, 100)
+    assert 0.5 < mid < 0.6
+
+
+def test_loss_decreases_on_real_text_and_output_loads(tmp_path, ptb):
+    cfg = load_train_config(recipe(tmp_path, ptb, max_steps=30, eval_every=10, checkpoint_every=30))
+    summary = train(cfg)
+    run = Path(cfg.out)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train_loss = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert train_loss[0] > math.log(512) - 0.5  # starts near uniform over the vocabulary
+    assert sum(train_loss[-5:]) / 5 < train_loss[0] - 1.0
+    assert val[-1] < val[0] and summary["val_loss"] == val[-1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run)
+    tok = AutoTokenizer.from_pretrained(run)
+    assert type(model).__name__ == "CLAForCausalLM" and model.config.num_producer_layers == 2
+    ids = tok("the company said", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def _run_until(args, run: Path, step: int, **kw):
+    """Start a training subprocess and SIGKILL it (whole group) once checkpoint `step` exists."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, **kw)
+    target = run / "checkpoints" / f"step_{step:08d}"
+    deadline = time.time() + 300
+    while not target.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_then_resume_reproduces_uninterrupted_losses_bit_for_bit(tmp_path, ptb):
+    path = recipe(tmp_path, ptb)
+    whole = tmp_path / "whole"
+    assert cli("train", str(path), "--out", str(whole)).returncode == 0
+    killed = tmp_path / "killed"
+    _run_until([sys.executable, "-m", "crosslayer", "train", str(path), "--out", str(killed)], killed, 3)
+    assert not (killed / "model.safetensors").exists()
+    proc = cli("train", str(path), "--out", str(killed))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stderr
+    assert losses(killed) == losses(whole)  # exact float equality, every step and every eval
+    assert [p.name for p in list_checkpoints(killed)] == ["step_00000006", "step_00000008"]  # keep 2
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, ptb):
+    path = recipe(tmp_path, ptb)
+    run = tmp_path / "run"
+    # die (SIGKILL, no cleanup) in the middle of writing step 6: after the weights, before the optimizer
+    script = f"""
+import os, signal, torch, crosslayer.checkpoint as ck
+real = torch.save
+def dying_save(obj, f, *a, **k):
+    if "step_00000006" in str(f):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, f, *a, **k)
+ck.torch.save = dying_save
+from crosslayer.__main__ import main
+main(["train", {str(path)!r}, "--out", {str(run)!r}])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
+    assert (run / "checkpoints" / ".tmp-step_00000006").exists()  # the half-written one
+    model_sd, optim_sd, state = load_checkpoint(list_checkpoints(run)[0])
+    assert state["step"] == 3 and "model.embed_tokens.weight" in model_sd
+    proc = cli("train", str(path), "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert not (run / "checkpoints" / ".tmp-step_00000006").exists()
+    whole = tmp_path / "whole"
+    assert cli("train", str(path), "--out", str(whole)).returncode == 0
+    assert losses(run) == losses(whole)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ptb, monkeypatch):
+    cfg = load_train_config(recipe(tmp_path, ptb))
+    real = train_mod.causal_lm_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 4 * 4 else loss  # 4 micro-batches a step: NaN at step 5
+
+    monkeypatch.setattr(train_mod, "causal_lm_loss", poisoned)
+    with pytest.raises(CrossLayerError, match=r"loss is nan at step 5.*step_00000003"):
+        train(cfg)
+    run = Path(cfg.out)
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
+    _, _, state = load_checkpoint(list_checkpoints(run)[0])
+    weights = load_checkpoint(list_checkpoints(run)[0])[0]
+    assert state["step"] == 3 and all(torch.isfinite(t).all() for t in weights.values())
+    assert not (run / "model.safetensors").exists()
+
+
+def test_init_starts_from_saved_weights(tmp_path, ptb):
+    first = load_train_config(recipe(tmp_path, ptb, max_steps=2, eval_every=2, checkpoint_every=2))
+    train(first)
+    cfg = load_train_config(recipe(tmp_path, ptb, max_steps=2), init=first.out, out=str(tmp_path / "up"))
+    assert cfg.model is None
+    trainer = train_mod.Trainer(cfg)
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(first.out) / "model.safetensors")
+    for name, tensor in trainer.raw_model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["bogus=1"], "unknown training key"),
+    (["seq_len=abc"], r"seq_len: expected int"),
+    (["lr=-1"], "need lr > 0"),
+    (["batch_tokens=1000"], "must be a multiple of seq_len"),
+    (["parallel=zero3"], "parallel must be ddp or fsdp"),
+    (["tokens=4096"], "exactly one of max_steps or tokens"),
+    (["compile=maybe"], "compile: expected bool"),
+    (["model.hidden_sise=3"], "unknown config field"),
+    (["seq_len"], "--set expects key=value"),
+])
+def test_bad_recipe_keys_and_values_are_rejected(tmp_path, sets, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(dict(model=MODEL, data="d", out=str(tmp_path / "o"), seq_len=32,
+                                        batch_tokens=1024, max_steps=2)))
+    with pytest.raises(CrossLayerError, match=message):
+        cfg = load_train_config(path, sets)
+        train_mod.build_model_config(cfg, {"vocab_size": 100})
+
+
+def test_cli_rejects_bad_yaml_and_mismatched_resume(tmp_path, ptb):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    proc = cli("train", str(bad))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    path = recipe(tmp_path, ptb, max_steps=2, checkpoint_every=2)
+    assert cli("train", str(path)).returncode == 0
+    proc = cli("train", str(path), "--set", "lr=1e-3")
+    assert proc.returncode == 2 and "different lr" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_and_resume_on_one(tmp_path, ptb, parallel):
+    path = recipe(tmp_path, ptb, parallel=parallel, max_steps=6)
+    one = tmp_path / "one"
+    assert cli("train", str(path), "--out", str(one)).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "crosslayer", "train", str(path)]
+    two = tmp_path / "two"
+    proc = subprocess.run(torchrun + ["--out", str(two)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (s1, a), (s2, b) in zip(losses(one), losses(two), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    # checkpoints written by 2 processes resume on 1
+    moved = tmp_path / "moved"
+    _run_until(torchrun + ["--out", str(moved)], moved, 3)
+    proc = cli("train", str(path), "--out", str(moved))
+    assert proc.returncode == 0, proc.stderr
+    for (s1, a), (s2, b) in zip(losses(one), losses(moved), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
