@@ -54,12 +54,13 @@ class CLARMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x), without the learned scale; in fp32 for stability under bf16, as Llama does."""
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 for stability under bf16, as Llama does
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * self.normalize(x)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -223,10 +224,12 @@ class CLADecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        kv_input = self.kv_layernorm(hidden_states) if self.self_attn.is_producer else None
+        # one normalisation, two learned scales: the query input and (producers only) the K/V input
+        normed = self.input_layernorm.normalize(hidden_states)
+        q_input = self.input_layernorm.weight * normed
+        kv_input = self.kv_layernorm.weight * normed if self.self_attn.is_producer else None
         attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states), kv_input, position_embeddings, attention_mask,
-            shared_kv, cache=cache, **kwargs,
+            q_input, kv_input, position_embeddings, attention_mask, shared_kv, cache=cache, **kwargs,
         )
         hidden_states = residual + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))

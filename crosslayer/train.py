@@ -299,6 +299,8 @@ class Trainer:
             self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         elif self.distributed:  # share the cores instead of oversubscribing them
