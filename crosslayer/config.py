@@ -223,7 +223,7 @@ class CLAConfig(PreTrainedConfig):
     # -- presets ------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "CLAConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> CLAConfig:
         """A named configuration, e.g. `1b-H128-MQA-CLA2` or `tinyllama-1.1b-CLA2`; see `PRESETS`."""
         return cls(**{**preset_fields(name), **overrides})
 

@@ -34,6 +34,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .config import CLAConfig
 
+
 class SharedKV:
     """Producer layer -> its full (past + new) rotated K/V, for one forward pass.
 

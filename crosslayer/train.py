@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or fp32 / bf16
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
     attn_implementation: str = "sdpa"
     tensorboard: bool = False  # also log to out/tensorboard
     progress: bool = True  # progress bar on stderr
@@ -336,6 +337,8 @@ class Trainer:
         else:
             self.model_config = build_model_config(cfg, self.meta)
             model = CLAForCausalLM(self.model_config)
+        if cfg.activation_checkpointing:
+            model.activation_checkpointing_enable()
         self.raw_model = model.to(self.device).train()
         self.model = self._wrap(self.raw_model)
         fused = self.device.type == "cuda"

@@ -156,3 +156,15 @@ print(AutoConfig.from_pretrained({str(tmp_path / 'm')!r}).kv_sources)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, 0, 0, 3, 4, 4]
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    model = CLAForCausalLM(tiny_config(cla_factor=3)).train()
+    ids = torch.randint(0, 211, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(plain[n], p.grad), n

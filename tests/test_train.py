@@ -229,3 +229,14 @@ def test_two_gloo_processes_match_one_and_resume_on_one(tmp_path, ptb, parallel)
     assert proc.returncode == 0, proc.stderr
     for (s1, a), (s2, b) in zip(losses(one), losses(moved), strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
+def test_every_shipped_recipe_is_valid():
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        cfg = load_train_config(path)
+        config = train_mod.build_model_config(cfg, {"vocab_size": 50277, "eos_token_id": 0})
+        assert cfg.total_steps >= 1 and config.vocab_size >= 50277
+        if path.name.startswith("paper-"):
+            assert cfg.batch_tokens == 2048 * 2048 and cfg.seq_len == 2048 and cfg.parallel == "fsdp"

@@ -57,34 +57,37 @@ def _synthetic_dataset(folder: Path, vocab: int, tokens: int, seed: int = 0) -> 
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def _time_steps(step_fn, steps: int, warmup: int, repeats: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        step_fn()
+def _time_interleaved(step_fns: list, steps: int, warmup: int, repeats: int, device: torch.device) -> list[list[float]]:
+    """Seconds per step of each function: warm-up, then `repeats` rounds in which every function runs
+    one timed block in turn, so drift of the machine (clocks, other load) hits all of them alike."""
+    for fn in step_fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in step_fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step_fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / steps)
+        for i, fn in enumerate(step_fns):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            _sync(device)
+            times[i].append((time.perf_counter() - start) / steps)
     return times
 
 
-def bench_ours(preset: str, data: Path, args, device: torch.device) -> dict:
-    from ..train import Trainer, TrainConfig
+def ours_step(preset: str, data: Path, args, device: torch.device):
+    """(step function, config): one optimizer step of our Trainer."""
+    from ..train import TrainConfig, Trainer
 
     cfg = TrainConfig(model=preset, data=str(data), out="", seq_len=args.seq_len,
                       batch_tokens=args.seq_len * args.micro_batch * args.accum, micro_batch=args.micro_batch,
                       max_steps=10**6, device=str(device), compile=args.compile, progress=False)
     trainer = Trainer(cfg)
-    times = _time_steps(trainer.step, args.steps, args.warmup, args.repeats, device)
-    config = trainer.model_config
-    del trainer
-    return _row(f"crosslayer {preset}", config, times, cfg.batch_tokens, args, device)
+    return trainer.step, trainer.model_config
 
 
-def bench_hf_llama(preset: str, args, device: torch.device) -> dict:
+def hf_llama_step(preset: str, args, device: torch.device):
+    """(step function, config): one optimizer step of a plain loop over transformers' Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ours = CLAConfig.from_preset(preset)
@@ -120,24 +123,17 @@ def bench_hf_llama(preset: str, args, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(total / args.accum)
 
-    times = _time_steps(step, args.steps, args.warmup, args.repeats, device)
-    del model, opt
-    return _row(f"transformers Llama ({preset} shape)", ours, times,
-                args.seq_len * args.micro_batch * args.accum, args, device)
+    return step, ours
 
 
 def _row(name: str, config: CLAConfig, times: list[float], batch_tokens: int, args, device) -> dict:
     step_s = statistics.median(times)
     tps = batch_tokens / step_s
     row = {"name": name, "parameters": config.num_parameters(), "kv_bytes_per_token": config.kv_bytes_per_token(),
-           "step_s": step_s, "tokens_per_s": tps, "step_s_all": times}
+           "step_s": step_s, "tokens_per_s": tps, "tokens_per_s_best": batch_tokens / min(times), "step_s_all": times}
     peak = _peak(device)
     if peak:
         row["mfu"] = flops_per_token(config, args.seq_len) * tps / peak
-    if device.type == "cuda":
-        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.empty_cache()
     return row
 
 
@@ -164,7 +160,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (models interleaved); the median is reported")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile both ours and the baseline")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' Llama")
@@ -176,13 +172,18 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     vocab = max(CLAConfig.from_preset(p).vocab_size for p in presets)
-    rows = []
+    batch_tokens = args.seq_len * args.micro_batch * args.accum
     with tempfile.TemporaryDirectory() as tmp:
-        _synthetic_dataset(Path(tmp), vocab, tokens=max(2_000_000, 4 * args.seq_len * args.micro_batch * args.accum))
+        _synthetic_dataset(Path(tmp), vocab, tokens=max(2_000_000, 4 * batch_tokens))
+        names, fns, configs = [], [], []
         if not args.no_baseline:
-            rows.append(bench_hf_llama(presets[0], args, device))
+            fn, config = hf_llama_step(presets[0], args, device)
+            names.append(f"transformers Llama ({presets[0]} shape)"), fns.append(fn), configs.append(config)
         for preset in presets:
-            rows.append(bench_ours(preset, Path(tmp), args, device))
+            fn, config = ours_step(preset, Path(tmp), args, device)
+            names.append(f"crosslayer {preset}"), fns.append(fn), configs.append(config)
+        times = _time_interleaved(fns, args.steps, args.warmup, args.repeats, device)
+        rows = [_row(n, c, t, batch_tokens, args, device) for n, c, t in zip(names, configs, times, strict=True)]
     result = {"benchmark": "train", "device": _device_name(device), "torch": torch.__version__,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum,
               "precision": "bf16-autocast" if device.type == "cuda" else "fp32", "compile": args.compile,

@@ -1,0 +1,52 @@
+import json
+import math
+
+import pytest
+
+from crosslayer.__main__ import main
+from crosslayer.bench.train import flops_per_token
+from crosslayer.config import CLAConfig
+
+
+def test_flops_per_token_accounting():
+    c = CLAConfig.from_preset("1b-H128-MQA")
+    matmul = c.num_parameters() - c.vocab_size * c.hidden_size
+    assert flops_per_token(c, 2048) == 6 * matmul + 12 * 20 * 16 * 128 * 2048
+    # CLA2 drops half the K/V projections, so it costs fewer FLOPs per token
+    assert flops_per_token(CLAConfig.from_preset("1b-H128-MQA-CLA2"), 2048) < flops_per_token(c, 2048)
+
+
+def test_bench_train_reports_every_model_and_ratios(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    code = main(["bench", "train", "--presets", "tiny-H32-MQA,tiny-H32-MQA-CLA2", "--seq-len", "32",
+                 "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--json-out", str(out)])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result == json.loads(out.read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["transformers Llama (tiny-H32-MQA shape)", "crosslayer tiny-H32-MQA", "crosslayer tiny-H32-MQA-CLA2"]
+    for r in result["rows"]:
+        assert len(r["step_s_all"]) == 2 and r["tokens_per_s"] == pytest.approx(64 / r["step_s"])
+    rows = {r["name"]: r for r in result["rows"]}
+    assert result["ours_over_transformers"] == pytest.approx(
+        rows["crosslayer tiny-H32-MQA"]["tokens_per_s"] / rows[names[0]]["tokens_per_s"])
+    assert rows["crosslayer tiny-H32-MQA-CLA2"]["kv_bytes_per_token"] == 256
+
+
+def test_bench_train_refuses_a_cla_baseline_shape():
+    assert main(["bench", "train", "--presets", "tiny-H32-MQA-CLA2", "--steps", "1"]) == 2
+
+
+def test_quickstart_trains_the_three_way_comparison(tmp_path, capsys):
+    code = main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2", "--seq-len", "64",
+                 "--batch-tokens", "512", "--no-progress"])
+    assert code == 0
+    table = capsys.readouterr().out
+    rows = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["tiny-H32-MQA", "tiny-H32-MQA-CLA2", "tiny-H16-MQA"]
+    assert [r["kv_bytes_per_token"] for r in rows] == [512, 256, 256]
+    for r in rows:
+        assert math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1 and r["tokens"] == 1024
+        assert f"{r['val_ppl']:.2f}" in table
+    assert (tmp_path / "qs" / "tiny-H32-MQA-CLA2" / "model.safetensors").exists()
