@@ -51,6 +51,19 @@ def losses(run: Path) -> list:
                                                                      if "val_loss" in r]
 
 
+def run_group(cmd, timeout=300):
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def cli(*args, **popen):
     cmd = [sys.executable, "-m", "crosslayer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, **popen)
@@ -218,7 +231,7 @@ def test_two_gloo_processes_match_one_and_resume_on_one(tmp_path, ptb, parallel)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "crosslayer", "train", str(path)]
     two = tmp_path / "two"
-    proc = subprocess.run(torchrun + ["--out", str(two)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_group(torchrun + ["--out", str(two)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (s1, a), (s2, b) in zip(losses(one), losses(two), strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)

@@ -1,0 +1,187 @@
+"""Sliding-window (strided) perplexity, with tokenizer-independent figures beside it.
+
+The text is one token stream. Windows of `context` tokens advance `stride` tokens at a time; each
+window scores only the tokens no earlier window scored, so every token is predicted once, from at
+least `context - stride` tokens of left context (except in the first window). With a BOS/EOS token available
+it is put in front of the stream, so the first token is scored too and bits per byte cover all
+the text. Reported: token-level perplexity; bits per byte (UTF-8) and word-level perplexity
+(whitespace words, as for WikiText) so models with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CrossLayerError
+from .common import load_model
+
+
+def windows(n: int, context: int, stride: int, first: int = 1) -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) of each window over a stream of n tokens.
+
+    The first window scores positions first..context-1; each later one ends `stride` tokens further
+    (at most context-1, so every scored token keeps some context), is `context` long, and scores
+    only its new tokens. Positions < first are not scored (the prefix token)."""
+    if context < 2 or not 1 <= stride <= context:
+        raise CrossLayerError(f"need context >= 2 and 1 <= stride <= context; got context {context}, stride {stride}")
+    step = min(stride, context - 1)
+    end = min(context, n)
+    out = [(0, end, first)] if end > first else []
+    while end < n:
+        new_end = min(end + step, n)
+        out.append((max(0, new_end - context), new_end, end))
+        end = new_end
+    return out
+
+
+@torch.no_grad()
+def strided_nll(model, stream: torch.Tensor, context: int, stride: int, batch_size: int = 4,
+                first: int = 1, progress: bool = True) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods (nats) over the scored positions, and their count."""
+    device = next(model.parameters()).device
+    spans = windows(len(stream), context, stride, first)
+    total, count = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(spans), desc="ppl", unit="window", file=sys.stderr, dynamic_ncols=True)
+    i = 0
+    while i < len(spans):
+        # batch windows of equal length (all but possibly the last)
+        length = spans[i][1] - spans[i][0]
+        group = [spans[i]]
+        while i + len(group) < len(spans) and len(group) < batch_size and \
+                spans[i + len(group)][1] - spans[i + len(group)][0] == length:
+            group.append(spans[i + len(group)])
+        batch = torch.stack([stream[b:e] for b, e, _ in group]).to(device)  # (B, L)
+        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, L, V)
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # predicts positions 1..L-1
+        targets = batch[:, 1:]
+        token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+        for row, (b, _, s) in enumerate(group):
+            scored = token_lp[row, s - b - 1 :]
+            total -= scored.double().sum().item()
+            count += scored.numel()
+        i += len(group)
+        if bar:
+            bar.update(len(group))
+    if bar:
+        bar.close()
+    return total, count
+
+
+def read_text(source: str) -> tuple[str, str]:
+    """(text, description) of a text file / glob, or of a hub dataset `hf:NAME[:CONFIG[:SPLIT]]`."""
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+        split = parts[2] if len(parts) > 2 else "test"
+        try:
+            import datasets
+        except ImportError:
+            raise CrossLayerError("hub datasets need `pip install datasets` (or crosslayer[data])") from None
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # the hub client raises many types; the user needs the message
+            raise CrossLayerError(f"cannot load {source}: {e}") from None
+        if "text" not in ds.column_names:
+            raise CrossLayerError(f"{source} has no 'text' column (columns: {', '.join(ds.column_names)})")
+        return "\n\n".join(ds["text"]), source
+    files = sorted(glob.glob(source, recursive=True))
+    if not files:
+        raise CrossLayerError(f"no file matches {source!r}")
+    try:
+        return "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files), f"{len(files)} file(s): {source}"
+    except UnicodeDecodeError as e:
+        raise CrossLayerError(f"{source}: not UTF-8 text ({e})") from None
+
+
+def perplexity(model, tokenizer, data: str, context: int | None = None, stride: int | None = None,
+               batch_size: int = 4, split: str = "val", max_tokens: int | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Strided perplexity of `model` on text (file, glob, hf:...) or a prepared dataset folder."""
+    max_pos = getattr(model.config, "max_position_embeddings", 2048)
+    context = context or min(max_pos, 2048)
+    stride = stride or max(1, context // 2)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    result: dict[str, Any] = {"data": data, "context": context, "stride": stride}
+    text = None
+    if Path(data).is_dir() and (Path(data) / "meta.json").exists():
+        from ..data import load_tokens, read_meta
+
+        meta = read_meta(data)
+        if meta["vocab_size"] > model.config.vocab_size:
+            raise CrossLayerError(f"{data} was tokenised with a {meta['vocab_size']}-token vocabulary; the model has "
+                                  f"{model.config.vocab_size}: evaluate on text instead, or prepare with hf:<model>")
+        ids = torch.from_numpy(np.asarray(load_tokens(data, split), dtype=np.int64))
+        n_bytes = meta["splits"][split]["bytes"]
+        result["source"] = f"prepared {split} split ({meta['source']})"
+        # the stream already starts after a document boundary; its EOS tokens are scored like any token
+    else:
+        text, result["source"] = read_text(data)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        n_bytes = len(text.encode("utf-8"))
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids, text = ids[:max_tokens], None  # a prefix of the text: byte/word counts no longer apply
+        n_bytes = None
+    if len(ids) < 2:
+        raise CrossLayerError(f"{data} gives {len(ids)} tokens: too little to evaluate")
+    if prefix is not None:
+        stream, first = torch.cat([torch.tensor([prefix]), ids]), 1
+    else:
+        stream, first = ids, 1  # no prefix token: the first token cannot be scored
+    nll, count = strided_nll(model, stream, context, stride, batch_size, first, progress)
+    result.update(tokens=len(ids), tokens_scored=count, nll=nll, loss=nll / count, perplexity=math.exp(nll / count))
+    if n_bytes and count == len(ids):
+        result.update(bytes=n_bytes, bits_per_byte=nll / n_bytes / math.log(2))
+    if text is not None and count == len(ids):
+        words = len(re.findall(r"\S+", text))
+        result.update(words=words, word_perplexity=math.exp(nll / words))
+    return result
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ppl", help="sliding-window perplexity, bits per byte, word perplexity",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model folder or hub id (ours or any transformers causal LM)")
+    p.add_argument("--data", required=True,
+                   help="text file or glob, a `crosslayer prepare` folder, or hf:NAME[:CONFIG[:SPLIT]] "
+                        "(e.g. hf:wikitext:wikitext-2-raw-v1:test)")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's, at most 2048)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: context/2)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--split", default="val", help="split of a prepared folder (default val)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16")
+    p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    result = perplexity(model, tokenizer, args.data, args.context, args.stride, args.batch_size, args.split,
+                        args.max_tokens, progress=not args.no_progress)
+    result["model"] = str(args.model)
+    line = f"perplexity {result['perplexity']:.3f} over {result['tokens_scored']:,} tokens"
+    if "bits_per_byte" in result:
+        line += f", {result['bits_per_byte']:.4f} bits/byte"
+    if "word_perplexity" in result:
+        line += f", word perplexity {result['word_perplexity']:.3f}"
+    print(line + f" (context {result['context']}, stride {result['stride']})", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
