@@ -471,6 +471,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _truncate_metrics(metrics_path, trainer.step_idx)
     if trainer.step_idx >= total:
         _log(rank0, f"{out} is already trained to step {total}")
+        if (out / "summary.json").exists():
+            return json.loads((out / "summary.json").read_text())
         return _last_metrics(metrics_path)
     tb = _tensorboard(out) if cfg.tensorboard and rank0 else None
     n_params = sum(p.numel() for p in trainer.raw_model.parameters())

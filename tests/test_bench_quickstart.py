@@ -50,3 +50,8 @@ def test_quickstart_trains_the_three_way_comparison(tmp_path, capsys):
         assert math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1 and r["tokens"] == 1024
         assert f"{r['val_ppl']:.2f}" in table
     assert (tmp_path / "qs" / "tiny-H32-MQA-CLA2" / "model.safetensors").exists()
+    # a second run on the same folder reuses the data and the finished runs
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2", "--seq-len", "64",
+                 "--batch-tokens", "512", "--no-progress"]) == 0
+    again = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert [r["val_ppl"] for r in again] == [r["val_ppl"] for r in rows]

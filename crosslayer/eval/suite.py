@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "limit": None,  # items per task (None: all)
     "batch_size": 16,
     "context": None,  # perplexity window (default: the model's, at most 2048)
+    "ppl_max_tokens": None,  # evaluate perplexity on the first N tokens only (None: all)
     "passkey_lengths": None,  # default: 256, 512, ... up to the model's max_position_embeddings
     "passkey_depths": "0,0.25,0.5,0.75,1",
     "passkey_trials": 5,
@@ -52,11 +53,11 @@ def run_suite(model_spec: str, out: str | Path, settings: dict[str, Any], progre
     wikitext = str(data_dir / "wikitext-2" / "wiki.test.raw") if data_dir else "hf:wikitext:wikitext-2-raw-v1:test"
     _say(progress, f"perplexity on {wikitext}")
     report["perplexity"]["wikitext2_test"] = perplexity(model, tokenizer, wikitext, s["context"], None, s["batch_size"],
-                                                        progress=progress)
+                                                        max_tokens=s["ppl_max_tokens"], progress=progress)
     if s["val"]:
         _say(progress, f"perplexity on {s['val']} (val split)")
         report["perplexity"]["val"] = perplexity(model, tokenizer, s["val"], s["context"], None, s["batch_size"],
-                                                 progress=progress)
+                                                 max_tokens=s["ppl_max_tokens"], progress=progress)
     if tasks:
         _say(progress, f"zero-shot tasks: {', '.join(tasks)}")
         report["tasks"] = run_tasks(model, tokenizer, tasks, data_dir, s["limit"], s["batch_size"])
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
-    for key in ("limit", "batch_size", "context", "passkey_trials"):
+    for key in ("limit", "batch_size", "context", "passkey_trials", "ppl_max_tokens"):
         if settings.get(key) is not None:
             try:
                 settings[key] = int(settings[key])
