@@ -10,7 +10,9 @@ import sys
 from .errors import CrossLayerError
 
 # subcommand modules, in the order `crosslayer --help` lists them; each has add_parser(subparsers)
-SUBCOMMANDS = ["crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv", "crosslayer.eval", "crosslayer.bench"]
+SUBCOMMANDS = [
+    "crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv", "crosslayer.eval", "crosslayer.bench",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,8 @@ llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermedia
 cla = from_hf(llama).to(dev)
 with torch.no_grad():
     out["from_hf_fp32_max_abs"] = (cla(ids).logits - llama(ids).logits).abs().max().item()
-    out["from_hf_bf16_max_abs"] = (cla.bfloat16()(ids).logits.float() - llama.bfloat16()(ids).logits.float()).abs().max().item()
+    bf16_diff = cla.bfloat16()(ids).logits.float() - llama.bfloat16()(ids).logits.float()
+    out["from_hf_bf16_max_abs"] = bf16_diff.abs().max().item()
     a = llama.generate(ids[:, :8], max_new_tokens=16, do_sample=False, pad_token_id=0)
     b = cla.generate(ids[:, :8], max_new_tokens=16, do_sample=False, pad_token_id=0)
 out["generate_equal_bf16"] = bool(torch.equal(a, b))

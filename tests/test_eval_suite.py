@@ -9,8 +9,9 @@ def test_eval_all_writes_one_report(tmp_path, wiki_tokenizer, shared_data, capsy
     model.save_pretrained(tmp_path / "m")
     wiki_tokenizer.save_pretrained(tmp_path / "m")
     (tmp_path / "suite.yaml").write_text("tasks: piqa,lambada_openai\nlimit: 3\npasskey_trials: 1\n")
-    code = main(["eval", "all", str(tmp_path / "m"), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "suite.yaml"),
-                 "--data-dir", str(shared_data), "--context", "128", "--ppl-max-tokens", "5000", "--passkey-depths", "0,1", "--no-progress"])
+    code = main(["eval", "all", str(tmp_path / "m"), "--out", str(tmp_path / "r"),
+                 "--config", str(tmp_path / "suite.yaml"), "--data-dir", str(shared_data), "--context", "128",
+                 "--ppl-max-tokens", "5000", "--passkey-depths", "0,1", "--no-progress"])
     assert code == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     wt = report["perplexity"]["wikitext2_test"]
@@ -23,4 +24,5 @@ def test_eval_all_writes_one_report(tmp_path, wiki_tokenizer, shared_data, capsy
     assert (tmp_path / "r" / "passkey.png").exists()
     assert md.strip() in capsys.readouterr().out
     (tmp_path / "bad.yaml").write_text("taks: piqa\n")
-    assert main(["eval", "all", str(tmp_path / "m"), "--out", str(tmp_path / "r2"), "--config", str(tmp_path / "bad.yaml")]) == 2
+    bad = ["eval", "all", str(tmp_path / "m"), "--out", str(tmp_path / "r2"), "--config", str(tmp_path / "bad.yaml")]
+    assert main(bad) == 2

@@ -28,8 +28,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) from a local folder or a hub id; our classes are registered on import."""
-    import crosslayer  # noqa: F401  (registers CLAConfig / CLAForCausalLM with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import crosslayer  # noqa: F401  (registers CLAConfig / CLAForCausalLM with the Auto classes)
 
     path = Path(spec)
     if path.exists() and not (path / "config.json").exists():
