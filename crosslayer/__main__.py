@@ -11,7 +11,8 @@ from .errors import CrossLayerError
 
 # subcommand modules, in the order `crosslayer --help` lists them; each has add_parser(subparsers)
 SUBCOMMANDS = [
-    "crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv", "crosslayer.eval", "crosslayer.bench",
+    "crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv",
+    "crosslayer.generate", "crosslayer.eval", "crosslayer.bench",
 ]
 
 

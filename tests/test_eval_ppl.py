@@ -94,3 +94,28 @@ def test_prepared_folder_and_cli(tmp_path, capsys, shared_data):
     assert whole["bits_per_byte"] == pytest.approx(whole["nll"] / read_meta(data)["splits"]["val"]["bytes"] / math.log(2))
     assert main(["eval", "ppl", str(tmp_path / "m"), "--data", str(tmp_path / "nothing*.txt")]) == 2
     assert main(["eval", "ppl", str(tmp_path / "missing"), "--data", str(data)]) == 2
+
+
+def test_cli_on_a_transformers_checkpoint_and_its_converted_copy(tmp_path, wiki_tokenizer, capsys):
+    from crosslayer.__main__ import main
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    for name, model in (("llama", llama), ("cla", from_hf(llama))):
+        model.save_pretrained(tmp_path / name)
+        wiki_tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "t.txt").write_text("Robert Boulter is an English film , television and theatre actor . " * 20)
+    scores = []
+    for name in ("llama", "cla"):
+        assert main(["eval", "ppl", str(tmp_path / name), "--data", str(tmp_path / "t.txt"), "--no-progress"]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0]["context"] == 128 and scores[0]["stride"] == 64  # defaults from the model's config
+    assert scores[0]["nll"] == pytest.approx(scores[1]["nll"], rel=1e-6)
+
+
+def test_hub_source_fails_clearly_offline():
+    from crosslayer import CrossLayerError
+    from crosslayer.eval.perplexity import read_text
+
+    with pytest.raises(CrossLayerError, match="cannot load hf:wikitext"):
+        read_text("hf:wikitext:wikitext-2-raw-v1:test")

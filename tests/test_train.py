@@ -253,3 +253,18 @@ def test_every_shipped_recipe_is_valid():
         assert cfg.total_steps >= 1 and config.vocab_size >= 50277
         if path.name.startswith("paper-"):
             assert cfg.batch_tokens == 2048 * 2048 and cfg.seq_len == 2048 and cfg.parallel == "fsdp"
+
+
+def test_tensorboard_logs_train_and_val_scalars(tmp_path, ptb):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_train_config(recipe(tmp_path, ptb, max_steps=4, eval_every=2, checkpoint_every=4, tensorboard=True))
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.out) / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "val/loss", "val/ppl"} <= set(tags)
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4]
+    logged = [json.loads(ln) for ln in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx([r["loss"] for r in logged if "loss" in r][-1])

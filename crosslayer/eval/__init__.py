@@ -16,10 +16,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model: ppl, tasks, passkey, all")
     sub = p.add_subparsers(dest="evaluation", metavar="EVAL", required=True)
     for name in EVALS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # a real missing dependency, not a module still to be written
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
