@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["crosslayer.bench.train"]
+BENCHMARKS = ["crosslayer.bench.train", "crosslayer.bench.memory"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
