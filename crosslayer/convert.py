@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CLAConfig, load_config
+from .config import load_config
 from .errors import CrossLayerError
 from .modeling import CLAForCausalLM
 
@@ -133,8 +133,3 @@ def from_hf(
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     model.generation_config = source.generation_config
     return model.to(dtype).eval()
-
-
-def cla_config_for(source_config_dict: dict, cla_factor: int = 1, cla_pattern: str = "uniform") -> CLAConfig:
-    """The CLAConfig a Llama-family config converts to (without touching weights)."""
-    return load_config(source_config_dict, cla_factor=cla_factor, cla_pattern=cla_pattern)

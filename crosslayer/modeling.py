@@ -5,7 +5,7 @@ Cross-Layer Attention" (NeurIPS 2024). Pre-norm RMSNorm, RoPE, SwiGLU, no dropou
 Deviations from transformers' Llama:
   - `config.kv_sources[i]` names the layer whose K/V layer i attends with. Producer layers
     (`kv_sources[i] == i`) own `k_proj`/`v_proj` and write the KV cache; consumer layers own only
-    `q_proj`/`o_proj` and read their producer's K/V (already rotated) from a per-forward dict.
+    `q_proj`/`o_proj` and read their producer's K/V (already rotated) from a per-forward `SharedKV`.
   - Producers normalise their KV input with their own RMSNorm (`kv_layernorm`), separate from
     the query-input norm (`input_layernorm`): the paper keeps separate affine parameters for the
     two projections. For a model converted from Llama both start as copies of one norm.

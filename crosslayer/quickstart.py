@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-from .config import CLAConfig
 from .data import prepare
 from .train import TrainConfig, train
 
@@ -34,7 +33,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 120, seq_len: i
                           progress=progress)
         start = time.perf_counter()
         summary = train(cfg)
-        rows.append({"model": name, "kv_bytes_per_token": CLAConfig.from_preset(name).kv_bytes_per_token(),
+        rows.append({"model": name, "kv_bytes_per_token": summary["kv_bytes_per_token"],
                      "parameters": summary["parameters"], "val_loss": summary.get("val_loss"),
                      "val_ppl": summary.get("val_ppl"), "tokens": steps * batch_tokens,
                      "seconds": round(time.perf_counter() - start, 1)})

@@ -264,7 +264,7 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -342,7 +342,7 @@ class Trainer:
         self.raw_model = model.to(self.device).train()
         self.model = self._wrap(self.raw_model)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
         self.step_idx = 0
 
@@ -552,7 +552,8 @@ def _check_resume_compatible(out: Path, cfg: TrainConfig) -> None:
             raise CrossLayerError(f"{out} exists and is not a crosslayer run folder; choose another out")
         return
     before = yaml.safe_load(saved.read_text()) or {}
-    diffs = [k for k in TrainConfig.RESUME_KEYS if before.get(k) != cfg.to_dict().get(k)]
+    now = cfg.to_dict()
+    diffs = [k for k in TrainConfig.RESUME_KEYS if before.get(k) != now.get(k)]
     if diffs:
         raise CrossLayerError(
             f"{out} holds a run with different {', '.join(diffs)}; resume with the same settings or choose another out"

@@ -21,10 +21,9 @@ import torch
 
 from ..config import CLAConfig
 from ..errors import CrossLayerError
-from ..kv import DTYPE_BYTES, cache_nbytes, parse_bytes
+from ..eval.common import pick_device, pick_dtype
+from ..kv import cache_nbytes, parse_bytes
 from ..modeling import CLAForCausalLM
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -86,14 +85,14 @@ def _fits(model: CLAForCausalLM, context: int, budget: int) -> Callable[[int], b
 
 def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], budget: int | None, dtype: str,
                device: torch.device) -> dict:
-    if dtype not in TORCH_DTYPES:
-        raise CrossLayerError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    torch_dtype = pick_dtype(dtype, device)
+    element_bytes = torch.empty((), dtype=torch_dtype).element_size()
     rows, capacity = [], []
     for preset in presets:
         config = CLAConfig.from_preset(preset, max_position_embeddings=max(contexts), attn_implementation="sdpa")
         torch.manual_seed(0)
-        model = CLAForCausalLM(config).to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
-        per_token = config.kv_bytes_per_token(DTYPE_BYTES[dtype])
+        model = CLAForCausalLM(config).to(device=device, dtype=torch_dtype).eval()
+        per_token = config.kv_bytes_per_token(element_bytes)
         for t in contexts:
             for b in batch_sizes:
                 if device.type == "cuda":
@@ -165,7 +164,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     budget = parse_bytes(args.budget) if args.budget else None
     result = run_memory(presets, _ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lengths,

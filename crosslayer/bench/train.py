@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import CLAConfig
 from ..errors import CrossLayerError
+from ..eval.common import pick_device
+from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
 
 # dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
@@ -45,10 +46,10 @@ def _sync(device: torch.device) -> None:
 
 def _synthetic_dataset(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:
     """A prepared-dataset folder of random ids, so `Trainer` runs unchanged."""
-    from ..data import FORMAT_VERSION
+    from ..data import FORMAT_VERSION, token_dtype
 
     rng = np.random.default_rng(seed)
-    dtype = "uint16" if vocab <= 65536 else "uint32"
+    dtype = token_dtype(vocab)
     for split, n in (("train", tokens), ("val", 4096)):
         rng.integers(0, vocab, n, dtype=np.int64).astype(dtype).tofile(folder / f"{split}.bin")
     meta = {"format": "crosslayer-tokens", "format_version": FORMAT_VERSION, "source": "synthetic",
@@ -77,8 +78,6 @@ def _time_interleaved(step_fns: list, steps: int, warmup: int, repeats: int, dev
 
 def ours_step(preset: str, data: Path, args, device: torch.device):
     """(step function, config): one optimizer step of our Trainer."""
-    from ..train import TrainConfig, Trainer
-
     cfg = TrainConfig(model=preset, data=str(data), out="", seq_len=args.seq_len,
                       batch_tokens=args.seq_len * args.micro_batch * args.accum, micro_batch=args.micro_batch,
                       max_steps=10**6, device=str(device), compile=args.compile, progress=False)
@@ -102,10 +101,8 @@ def hf_llama_step(preset: str, args, device: torch.device):
     model = LlamaForCausalLM(config).to(device).train()
     if args.compile:
         model = torch.compile(model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # the same optimizer groups and loss as our trainer, so only the models differ
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     bf16 = device.type == "cuda"
     rng = torch.Generator().manual_seed(0)
 
@@ -114,8 +111,7 @@ def hf_llama_step(preset: str, args, device: torch.device):
         for _ in range(args.accum):
             batch = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=rng).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=batch[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                loss = causal_lm_loss(model, batch)
             (loss / args.accum).backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -169,7 +165,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     vocab = max(CLAConfig.from_preset(p).vocab_size for p in presets)
     batch_tokens = args.seq_len * args.micro_batch * args.accum

@@ -35,16 +35,15 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
     if fixed > length:
         raise CrossLayerError(f"a {length}-token prompt cannot hold the instructions, key and question "
                               f"({fixed} tokens with this tokenizer); use longer lengths")
-    per_filler = len(ids(FILLER))
-    n_filler = max(0, (length - fixed) // per_filler)
-    before = round(n_filler * depth)
-    text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (n_filler - before) + QUESTION
-    out = ids(text)
+    def compose(n_filler: int) -> list[int]:
+        before = round(n_filler * depth)
+        return ids(INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (n_filler - before) + QUESTION)
+
+    n_filler = max(0, (length - fixed) // len(ids(FILLER)))
+    out = compose(n_filler)
     while len(out) > length and n_filler > 0:  # tokenisation across joins can add a few tokens
         n_filler -= 1
-        before = round(n_filler * depth)
-        text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (n_filler - before) + QUESTION
-        out = ids(text)
+        out = compose(n_filler)
     return out
 
 

@@ -137,11 +137,9 @@ def perplexity(model, tokenizer, data: str, context: int | None = None, stride: 
         n_bytes = None
     if len(ids) < 2:
         raise CrossLayerError(f"{data} gives {len(ids)} tokens: too little to evaluate")
-    if prefix is not None:
-        stream, first = torch.cat([torch.tensor([prefix]), ids]), 1
-    else:
-        stream, first = ids, 1  # no prefix token: the first token cannot be scored
-    nll, count = strided_nll(model, stream, context, stride, batch_size, first, progress)
+    # without a prefix token the first token has no context and is not scored
+    stream = torch.cat([torch.tensor([prefix]), ids]) if prefix is not None else ids
+    nll, count = strided_nll(model, stream, context, stride, batch_size, first=1, progress=progress)
     result.update(tokens=len(ids), tokens_scored=count, nll=nll, loss=nll / count, perplexity=math.exp(nll / count))
     if n_bytes and count == len(ids):
         result.update(bytes=n_bytes, bits_per_byte=nll / n_bytes / math.log(2))
