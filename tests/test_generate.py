@@ -22,7 +22,14 @@ def test_greedy_cli_streams_the_models_own_greedy_continuation(model_dir, capsys
     ids = wiki_tokenizer(prompt, return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert out.out.strip() == wiki_tokenizer.decode(expected[0], skip_special_tokens=True).strip()
-    # the cache holds producers only: 2 of 4 layers, fp32, prompt + 11 fed tokens
+    # the fast path preallocates producers only: 2 of 4 layers, fp32, prompt + 12 new tokens
+    assert "fast KV cache" in out.err
+    kv = int(out.err.split("KV cache ")[1].split(" bytes")[0].replace(",", ""))
+    assert kv == (ids.shape[1] + 12) * model.config.kv_bytes_per_token(4)
+    # transformers' dynamic cache holds the same layers, grown to prompt + 11 fed tokens
+    assert main(["generate", str(model_dir), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+                 "--cache", "dynamic"]) == 0
+    out = capsys.readouterr()
     kv = int(out.err.split("KV cache ")[1].split(" bytes")[0].replace(",", ""))
     assert kv == (ids.shape[1] + 11) * model.config.kv_bytes_per_token(4)
 
@@ -33,8 +40,10 @@ def test_batch_is_left_padded_static_equals_dynamic_and_seeded_sampling_repeats(
     batch = generate_texts(model, wiki_tokenizer, prompts, max_new_tokens=8, temperature=0)
     alone = [generate_texts(model, wiki_tokenizer, [p], max_new_tokens=8, temperature=0)["texts"][0] for p in prompts]
     assert batch["texts"] == alone and batch["new_tokens"] == 16
-    static = generate_texts(model, wiki_tokenizer, prompts, max_new_tokens=8, temperature=0, cache="static")
-    assert static["texts"] == batch["texts"]
+    assert batch["cache"] == "fast"
+    for cache in ("static", "dynamic"):
+        other = generate_texts(model, wiki_tokenizer, prompts, max_new_tokens=8, temperature=0, cache=cache)
+        assert other["texts"] == batch["texts"], cache
     a = generate_texts(model, wiki_tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
     b = generate_texts(model, wiki_tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=3)
     c = generate_texts(model, wiki_tokenizer, prompts, max_new_tokens=8, temperature=1.0, seed=4)
@@ -47,7 +56,8 @@ def test_prompts_file_and_bad_arguments(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("-" * 40) == 2 and "First prompt" in out and "Second prompt" in out
     for args in (["--prompt", "x", "--temperature", "-1"], ["--prompt", "x", "--top-p", "1.5"], [],
-                 ["--prompts-file", str(tmp_path / "none.txt")], ["--prompt", "x", "--cache", "paged"]):
+                 ["--prompts-file", str(tmp_path / "none.txt")], ["--prompt", "x", "--cache", "paged"],
+                 ["--prompt", "x", "--cache", "dynamic", "--compile"]):
         assert main(["generate", str(model_dir), *args]) == 2, args
     with pytest.raises(CrossLayerError):
         generate_texts(torch.nn.Linear(1, 1), None, [""])

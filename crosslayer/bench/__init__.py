@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["crosslayer.bench.train", "crosslayer.bench.memory"]
+BENCHMARKS = ["crosslayer.bench.train", "crosslayer.bench.memory", "crosslayer.bench.decode"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

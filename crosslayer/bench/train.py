@@ -85,18 +85,27 @@ def ours_step(preset: str, data: Path, args, device: torch.device):
     return trainer.step, trainer.model_config
 
 
+def llama_config(ours: CLAConfig, max_len: int = 0):
+    """transformers' LlamaConfig of the same shape as `ours` (its CLA1 twin: every layer its own K/V)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size,
+                       intermediate_size=ours.intermediate_size, num_hidden_layers=ours.num_hidden_layers,
+                       num_attention_heads=ours.num_attention_heads, num_key_value_heads=ours.num_key_value_heads,
+                       head_dim=ours.head_dim, max_position_embeddings=max(ours.max_position_embeddings, max_len),
+                       rms_norm_eps=ours.rms_norm_eps, rope_parameters=dict(ours.rope_parameters),
+                       tie_word_embeddings=ours.tie_word_embeddings, initializer_range=ours.initializer_range,
+                       attn_implementation="sdpa")
+
+
 def hf_llama_step(preset: str, args, device: torch.device):
     """(step function, config): one optimizer step of a plain loop over transformers' Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     ours = CLAConfig.from_preset(preset)
     if ours.num_producer_layers != ours.num_hidden_layers:
         raise CrossLayerError(f"the transformers baseline needs a CLA1 shape, {preset} shares K/V")
-    config = LlamaConfig(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size,
-                         intermediate_size=ours.intermediate_size, num_hidden_layers=ours.num_hidden_layers,
-                         num_attention_heads=ours.num_attention_heads, num_key_value_heads=ours.num_key_value_heads,
-                         head_dim=ours.head_dim, max_position_embeddings=max(ours.max_position_embeddings, args.seq_len),
-                         initializer_range=ours.initializer_range, attn_implementation="sdpa")
+    config = llama_config(ours, args.seq_len)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device).train()
     if args.compile:

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError
+from crosslayer.decode import ProducerCache, fast_generate, sample_next
+from crosslayer.kv import cache_nbytes
+from tests.conftest import tiny_config
+
+PATTERNS = [dict(cla_factor=1), dict(cla_factor=2), dict(cla_factor=3), dict(cla_factor=2, cla_pattern="keep_ends"),
+            dict(kv_sources=[0, 0, 0, 3, 3, 5])]
+
+
+def _model(attn="sdpa", **overrides):
+    return CLAForCausalLM(tiny_config(initializer_range=0.3, attn_implementation=attn, **overrides)).eval()
+
+
+def _batch():
+    ids = torch.randint(1, 211, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding of different lengths
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()))
+def test_greedy_fast_path_equals_transformers_generate_with_a_dynamic_cache(pattern, static):
+    model = _model(**pattern)
+    ids, mask = _batch()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    out = fast_generate(model, ids, mask, max_new_tokens=20, static=static)
+    assert torch.equal(out.sequences, ref)
+    # and without padding, where no mask is built at all
+    ref = model.generate(ids[:1], max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast_generate(model, ids[:1], max_new_tokens=20, static=static).sequences, ref)
+
+
+def test_last_logits_equal_a_full_forward_eager_kernel_too():
+    model = _model(attn="eager", cla_factor=2)
+    ids, mask = _batch()
+    out = fast_generate(model, ids, mask, max_new_tokens=6)
+    full = model(out.sequences, attention_mask=torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1)).logits
+    assert torch.equal(full[:, 10:-1].argmax(-1), out.sequences[:, 11:])  # every generated token is the full-forward argmax
+
+
+def test_cache_holds_producers_only_and_equals_the_analytic_bytes():
+    sizes = {}
+    for factor in (1, 2, 3):
+        config = tiny_config(cla_factor=factor)
+        cache = ProducerCache(config, batch=3, max_len=40, dtype=torch.bfloat16, device="cpu")
+        assert cache_nbytes(cache) == 3 * 40 * config.kv_bytes_per_token(2)
+        assert cache.keys.shape[0] == config.num_producer_layers
+        sizes[factor] = cache_nbytes(cache)
+    assert sizes[2] * 2 == sizes[1] and sizes[3] * 3 == sizes[1]
+
+
+def test_eos_stops_rows_pads_them_and_ends_early():
+    model = _model(cla_factor=2)
+    ids, mask = _batch()
+    free = fast_generate(model, ids, mask, max_new_tokens=12).sequences[:, 11:]
+    eos = int(free[0, 2])  # row 0 emits this at step 2; use it as EOS
+    out = fast_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0).sequences[:, 11:]
+    for row in range(3):
+        hits = (free[row] == eos).nonzero()
+        stop = int(hits[0]) if len(hits) else None
+        if stop is None:
+            assert torch.equal(out[row, :free.shape[1]], free[row, :out.shape[1]])
+        else:
+            assert torch.equal(out[row, :stop + 1], free[row, :stop + 1]) and bool((out[row, stop + 1:] == 0).all())
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    assert torch.equal(torch.cat([ids, out], 1), ref)  # same tokens and same early end as transformers
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    # softmax mass of the first two tokens is 0.64 + 0.24 = 0.88 >= 0.8: the nucleus is {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(logits, 1.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    freq = (sample_next(logits, 1.0, generator=g) == 0).float().mean()
+    assert abs(freq - logits[0].softmax(-1)[0]) < 0.05
+    assert torch.equal(sample_next(logits[:1], 0.0), torch.tensor([0]))
+    model = _model(cla_factor=2)
+    ids, mask = _batch()
+    runs = [fast_generate(model, ids, mask, max_new_tokens=10, temperature=1.0, top_k=50,
+                          generator=torch.Generator().manual_seed(s)).sequences for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_reused_cache_and_bad_inputs():
+    model = _model(cla_factor=2)
+    ids, mask = _batch()
+    cache = ProducerCache(model.config, 3, 64, torch.float32, "cpu")
+    first = fast_generate(model, ids, mask, max_new_tokens=8, cache=cache).sequences
+    again = fast_generate(model, ids, mask, max_new_tokens=8, cache=cache).sequences  # no stale state carried over
+    assert torch.equal(first, again)
+    with pytest.raises(CrossLayerError, match="cache is for batch 3"):
+        fast_generate(model, ids[:2], max_new_tokens=8, cache=cache)
+    with pytest.raises(CrossLayerError, match="needs a crosslayer model"):
+        fast_generate(torch.nn.Linear(2, 2), ids)
+    with pytest.raises(CrossLayerError, match="max_new_tokens"):
+        fast_generate(model, ids, max_new_tokens=0)
+
+
+def test_compiled_decode_step_equals_eager():
+    model = CLAForCausalLM(CLAConfig.from_preset("tiny-H32-MQA-CLA2", initializer_range=0.2,
+                                                 attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 4096, (2, 7))
+    eager = fast_generate(model, ids, max_new_tokens=10).sequences
+    compiled = fast_generate(model, ids, max_new_tokens=10, compile=True).sequences
+    assert torch.equal(eager, compiled)
