@@ -76,6 +76,9 @@ class ProducerCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # key slots holding real tokens
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # static mode: the slot being written
+        for t in (self.keys, self.values, self.valid, self.pos):
+            # fixed addresses: CUDA graphs may then capture the in-place writes instead of skipping the graph
+            torch._dynamo.mark_static_address(t)
         self.batch, self.max_len, self.static = batch, max_len, static
         self.length = 0
         self.decoding = False  # static mode: True once the prompt is in, so one-token steps write at `pos`
