@@ -4,15 +4,7 @@
 # Needs the transformers 5.24 wheel in .whl/ (the GPU image ships an older transformers).
 # Order: correctness first, then memory (fast), then decode speed, each capped by `timeout`.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source scripts/gpu-env.sh
 # the fast path's greedy tokens == transformers' on a real GPU (fp32, tiny), eager and compiled
 timeout 120 python3 -m crosslayer bench decode --preset tiny-H32-MQA-CLA2 --batch-sizes 1,8 --prompt-len 64 \
   --new-tokens 32 --repeats 1 --dtype fp32 --json-out "$OUT/decode-check.json" 2>&1 | tail -n 4 | tee "$OUT/decode-check.log"

@@ -3,15 +3,7 @@
 #   bash scripts/gpu-bench-train.sh
 # Needs the transformers 5.24 wheel in .whl/ (the GPU image ships an older transformers).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source scripts/gpu-env.sh
 python3 scripts/gpu_check.py | tee "$OUT/gpu-check.json" || exit 1
 python3 -m crosslayer bench train --presets 125m-H64-MQA,125m-H64-MQA-CLA2 --seq-len 2048 --micro-batch 8 \
   --steps 10 --warmup 3 --repeats 3 --json-out "$OUT/train-125m.json" 2>&1 | tee "$OUT/train-125m.log"

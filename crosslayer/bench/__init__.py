@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+from pathlib import Path
 
 BENCHMARKS = ["crosslayer.bench.train", "crosslayer.bench.memory", "crosslayer.bench.decode"]
 
@@ -13,3 +15,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name in BENCHMARKS:
         importlib.import_module(name).add_parser(sub)
+
+
+def emit(result: dict, json_out: str | None = None) -> int:
+    """The machine-readable last line (and, if asked, the same JSON in a file)."""
+    line = json.dumps(result)
+    if json_out:
+        Path(json_out).write_text(line + "\n")
+    print(line)
+    return 0

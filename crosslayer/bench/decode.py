@@ -20,7 +20,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..convert import from_hf
 from ..decode import fast_generate
 from ..errors import CrossLayerError
 from ..eval.common import pick_device, pick_dtype
+from . import emit
 from .memory import _ints, weight_bytes
 from .train import _device_name, _sync, llama_config
 
@@ -248,8 +248,4 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if result["greedy_equal_to_transformers"]:
         print(f"greedy tokens of our CLA1 copy == transformers': {result['greedy_equal_to_transformers']}")
-    line = json.dumps(result)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line)
-    return 0
+    return emit(result, args.json_out)

@@ -13,7 +13,6 @@ length, ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..errors import CrossLayerError
 from ..eval.common import pick_device, pick_dtype
 from ..kv import cache_nbytes, parse_bytes
 from ..modeling import CLAForCausalLM
+from . import emit
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -179,8 +179,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c['preset']:22s} {c['context']:>7d} {c['largest_batch']:>7d} {c['analytic_largest_batch']:>8d}")
     if args.plot:
         plot(result, presets, args.plot)
-    line = json.dumps(result)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line)
-    return 0
+    return emit(result, args.json_out)

@@ -24,6 +24,7 @@ from ..config import CLAConfig
 from ..errors import CrossLayerError
 from ..eval.common import pick_device
 from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
+from . import emit
 
 # dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
@@ -209,8 +210,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"ours / transformers ({presets[0]}): {result['ours_over_transformers']:.3f}x")
     if "second_over_first" in result:
         print(f"{presets[1]} / {presets[0]}: {result['second_over_first']:.3f}x")
-    line = json.dumps(result)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line)
-    return 0
+    return emit(result, args.json_out)
