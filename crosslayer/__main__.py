@@ -11,8 +11,9 @@ from .errors import CrossLayerError
 
 # subcommand modules, in the order `crosslayer --help` lists them; each has add_parser(subparsers)
 SUBCOMMANDS = [
-    "crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv",
+    "crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv", "crosslayer.convert",
     "crosslayer.generate", "crosslayer.eval", "crosslayer.bench",
+    "crosslayer.sweep", "crosslayer.plot",
 ]
 
 

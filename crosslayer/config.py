@@ -20,6 +20,8 @@ from transformers import PreTrainedConfig
 from .errors import CrossLayerError
 
 CLA_PATTERNS = ("uniform", "keep_ends", "dense_front", "dense_back")
+# rope types our rotary embedding reproduces exactly (tested against transformers' Llama, tests/test_convert.py)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -97,6 +99,9 @@ class CLAConfig(PreTrainedConfig):
         cla_factor (`int`): layers per sharing group when `kv_sources` is derived.
         cla_pattern (`str`): one of `uniform`, `keep_ends`, `dense_front`, `dense_back`; or
             `custom` when `kv_sources` was given explicitly.
+        o_proj_bias (`bool`, *optional*): bias on the attention output projection; `None` (the
+            default) follows `attention_bias`, which then covers q, k, v and o as in Llama. Qwen2
+            has `attention_bias=True, o_proj_bias=False` (biases on q, k, v only).
     Defaults are the paper's 1B H128-MQA shape (vocabulary of the GPT-NeoX tokenizer, padded).
     """
 
@@ -120,7 +125,8 @@ class CLAConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = False
     rope_parameters: dict | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # on q/k/v, and on o unless o_proj_bias says otherwise
+    o_proj_bias: bool | None = None  # None: same as attention_bias
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     cla_factor: int = 1
@@ -130,6 +136,8 @@ class CLAConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
         super().__post_init__(**kwargs)
         self._validate_shape()
         self._resolve_kv_sources()
@@ -156,6 +164,14 @@ class CLAConfig(PreTrainedConfig):
             raise CrossLayerError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.attention_dropout:
             raise CrossLayerError("attention_dropout must be 0: crosslayer models use no dropout, as in the paper")
+        for name in ("attention_bias", "o_proj_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise CrossLayerError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise CrossLayerError(
+                f"rope_parameters: rope_type {rope_type!r} is not implemented; supported: {', '.join(ROPE_TYPES)}"
+            )
 
     def _resolve_kv_sources(self) -> None:
         if not isinstance(self.cla_factor, int) or isinstance(self.cla_factor, bool) or self.cla_factor < 1:
@@ -211,8 +227,8 @@ class CLAConfig(PreTrainedConfig):
         """Parameter count computed from the shape (equals `sum(p.numel())` of the built model)."""
         d, hd, L = self.hidden_size, self.head_dim, self.num_hidden_layers
         q_out, kv_out = self.num_attention_heads * hd, self.num_key_value_heads * hd
-        ab, mb = int(self.attention_bias), int(self.mlp_bias)
-        per_layer = (d + ab) * q_out + (q_out * d + ab * d) + 2 * d  # q, o, two norms
+        ab, ob, mb = int(self.attention_bias), int(self.o_proj_bias), int(self.mlp_bias)
+        per_layer = (d + ab) * q_out + (q_out * d + ob * d) + 2 * d  # q, o, two norms
         per_layer += 3 * d * self.intermediate_size + mb * (2 * self.intermediate_size + d)
         per_producer = 2 * (d + ab) * kv_out + d  # k, v and the KV-input norm
         n = L * per_layer + self.num_producer_layers * per_producer + d  # + final norm
@@ -318,8 +334,34 @@ def preset_fields(name: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Loading a config from whatever the user points at
 
-# transformers model types whose config carries the same fields as ours (Llama layout)
-LLAMA_FAMILY = ("llama",)
+# transformers model types whose config carries the same fields as ours (Llama layout) -> the
+# attention biases they hard-code (None: read `attention_bias` from the config, as Llama does)
+LLAMA_FAMILY: dict[str, tuple[bool, bool] | None] = {
+    "llama": None,
+    "mistral": (False, False),
+    "qwen2": (True, False),  # biases on q, k, v; none on o
+}
+
+
+def _check_no_sliding_window(raw: dict[str, Any]) -> None:
+    """Refuse a config whose sliding-window attention would take effect: our model attends in full."""
+    model_type, window = raw["model_type"], raw.get("sliding_window")
+    if model_type == "qwen2":  # Qwen2 windows only the layers that layer_types marks, and only if use_sliding_window
+        if not raw.get("use_sliding_window", False):
+            window = None
+        types = raw.get("layer_types")
+        if types is None:  # older configs: transformers windows the layers from max_window_layers on
+            types = ["sliding_attention" if i >= raw.get("max_window_layers", 28) else "full_attention"
+                     for i in range(raw["num_hidden_layers"])]
+        if "sliding_attention" not in types:
+            window = None
+    if window is not None and window < raw.get("max_position_embeddings", 0):
+        raise CrossLayerError(
+            f"this {model_type} config uses sliding-window attention (sliding_window={window} < "
+            f"max_position_embeddings={raw.get('max_position_embeddings')}), which crosslayer does not implement; "
+            "supported: full attention (sliding_window null or >= max_position_embeddings"
+            + (", or use_sliding_window false)" if model_type == "qwen2" else ")")
+        )
 
 
 def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
@@ -327,13 +369,18 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     model_type = raw.get("model_type")
     if model_type not in LLAMA_FAMILY:
         raise CrossLayerError(
-            f"config of model_type {model_type!r} is not supported; supported: crosslayer, "
-            + ", ".join(LLAMA_FAMILY)
+            f"config of model_type {model_type!r} is not supported; supported: crosslayer, " + ", ".join(LLAMA_FAMILY)
         )
-    keep = set(MODEL_FIELDS) - {"cla_factor", "cla_pattern", "kv_sources"}
+    _check_no_sliding_window(raw)
+    keep = set(MODEL_FIELDS) - {"cla_factor", "cla_pattern", "kv_sources", "o_proj_bias"}
     fields = {k: v for k, v in raw.items() if k in keep}
+    biases = LLAMA_FAMILY[model_type]
+    if biases is not None:
+        fields["attention_bias"], fields["o_proj_bias"] = biases
     if raw.get("rope_scaling") and not raw.get("rope_parameters"):
-        fields["rope_parameters"] = dict(raw["rope_scaling"], rope_theta=raw.get("rope_theta", 10000.0))
+        scaling = dict(raw["rope_scaling"])
+        scaling.setdefault("rope_type", scaling.pop("type", "default"))  # pre-4.45 configs say `type`
+        fields["rope_parameters"] = dict(scaling, rope_theta=raw.get("rope_theta", 10000.0))
     elif "rope_theta" in raw and not raw.get("rope_parameters"):
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": raw["rope_theta"]}
     if fields.get("num_key_value_heads") is None:

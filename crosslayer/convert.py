@@ -1,27 +1,43 @@
-"""Pretrained Llama-layout checkpoints -> CLA models, as a declarative weight map.
+"""Pretrained checkpoints -> CLA models: a declarative weight map, and the `crosslayer convert` command.
 
-Every tensor of the source is used exactly once (asserted). Per-layer weights (Q, O, MLP, norms)
-are copied. Each producer's K/V projections and KV-input norm are initialised from its group
-(the producer and the consumers that will read its K/V):
+Sources: transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (one layout; Qwen2
+adds biases to q/k/v), and dense crosslayer models (every layer its own producer, e.g. an MQA model
+from `crosslayer train`). Every tensor of the source is used exactly once (asserted). Per-layer
+weights (Q, O, MLP, norms) are copied. Each producer's K/V projections (and biases) and KV-input
+norm are initialised from its group (the producer and the consumers that will read its K/V):
   mean:  the uniform mean over the group's layers (the paper's better uptraining start);
   first: the producer's own (the group's first layer) weights; the others are dropped.
 With cla_factor=1 every layer is its own group and the copy is exact.
+
+`crosslayer convert SRC OUT` writes OUT atomically (a temporary folder beside it, renamed at the
+end) with the source's tokenizer files and generation config; on any error nothing is left behind.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import load_config
+from .config import CLA_PATTERNS, MODEL_FIELDS, CLAConfig, load_config
 from .errors import CrossLayerError
 from .modeling import CLAForCausalLM
 
 KV_INITS = ("mean", "first")
+SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# source name -> our name, per layer ({i}) and global
+# source name -> our name, per layer ({i}; {p} is weight or bias) and global
 LAYER_MAP = {
     "model.layers.{i}.self_attn.q_proj.{p}": "model.layers.{i}.self_attn.q_proj.{p}",
     "model.layers.{i}.self_attn.o_proj.{p}": "model.layers.{i}.self_attn.o_proj.{p}",
@@ -31,12 +47,15 @@ LAYER_MAP = {
     "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
-# source name -> our producer name; merged over each sharing group
+# source name -> our producer name; merged over each sharing group. A Llama-family layer normalises
+# Q and K/V inputs with its one input_layernorm; a crosslayer producer has its own kv_layernorm.
 GROUP_MAP = {
     "model.layers.{i}.self_attn.k_proj.{p}": "model.layers.{i}.self_attn.k_proj.{p}",
     "model.layers.{i}.self_attn.v_proj.{p}": "model.layers.{i}.self_attn.v_proj.{p}",
     "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.kv_layernorm.weight",
 }
+CLA_GROUP_MAP = {**{k: v for k, v in GROUP_MAP.items() if "layernorm" not in k},
+                 "model.layers.{i}.kv_layernorm.weight": "model.layers.{i}.kv_layernorm.weight"}
 GLOBAL_MAP = {
     "model.embed_tokens.weight": "model.embed_tokens.weight",
     "model.norm.weight": "model.norm.weight",
@@ -44,18 +63,99 @@ GLOBAL_MAP = {
 }
 
 
-def _load_source(model_or_path: nn.Module | str | Path) -> nn.Module:
-    if isinstance(model_or_path, nn.Module):
-        return model_or_path
-    from transformers import AutoModelForCausalLM
+# ----------------------------------------------------------------------------------------------
+# The source: its config first (cheap checks), then its weights
 
-    path = Path(model_or_path)
-    if path.exists() and not (path / "config.json").exists():
+
+def read_source_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a local checkpoint folder, refusing what this converter cannot take."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CrossLayerError(f"source {path} is not a folder (give a saved transformers or crosslayer checkpoint)")
+    if not (path / "config.json").exists():
         raise CrossLayerError(f"{path} has no config.json: not a transformers checkpoint folder")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype="auto")
-    except OSError as e:
-        raise CrossLayerError(f"cannot load checkpoint {model_or_path}: {e}") from None
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CrossLayerError(f"cannot read {path / 'config.json'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise CrossLayerError(f"{path / 'config.json'} does not hold a JSON object")
+    return raw
+
+
+def _check_architecture(raw: dict[str, Any]) -> None:
+    archs = raw.get("architectures") or []
+    if any(a not in SOURCE_ARCHITECTURES for a in archs):
+        raise CrossLayerError(
+            f"cannot convert a {', '.join(archs)}: supported architectures are {', '.join(SOURCE_ARCHITECTURES)}"
+        )
+
+
+def target_config(raw: dict[str, Any], cla_factor: int = 1, cla_pattern: str = "uniform",
+                  kv_sources: list[int] | None = None) -> CLAConfig:
+    """The CLA config of a source config (a transformers or crosslayer config dict) with the sharing asked for."""
+    _check_architecture(raw)
+    raw = dict(raw)
+    if raw.get("model_type") == "crosslayer":
+        raw = {k: v for k, v in raw.items() if k in MODEL_FIELDS}  # to_dict() adds generic PreTrainedConfig keys
+        dense = load_config(raw)
+        if dense.num_producer_layers != dense.num_hidden_layers:
+            raise CrossLayerError(
+                f"the source already shares K/V (kv_sources {dense.kv_sources}); convert from a dense model "
+                "(every layer its own producer)"
+            )
+        for key in ("cla_factor", "cla_pattern", "kv_sources"):
+            raw.pop(key, None)
+    overrides: dict[str, Any] = dict(cla_factor=cla_factor, cla_pattern=cla_pattern)
+    if kv_sources is not None:
+        overrides = dict(kv_sources=list(kv_sources), cla_pattern="custom")
+    return load_config(raw, **overrides)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers warnings or progress bars: we report missing / unexpected weights ourselves, as errors."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_source(path: Path) -> nn.Module:
+    """The source model from a folder; refuses weights transformers would silently make up or drop."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _quiet_transformers():
+            # ignore_mismatched_sizes: report a wrong shape in `info` (refused below) instead of raising
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+    except OSError as e:  # no weight files, unreadable files
+        raise CrossLayerError(f"cannot load the weights of {path}: {e}") from None
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        # mismatched entries are (name, shape in the checkpoint, shape config.json implies)
+        keys = sorted(k if isinstance(k, str) else f"{k[0]} ({list(k[1])} in the file, {list(k[2])} by config.json)"
+                      for k in info.get(kind) or [])
+        if keys:
+            problems.append(f"{kind.replace('_keys', '')}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    if problems:
+        hint = ""
+        if "lm_head.weight" in (info.get("missing_keys") or ()):
+            hint = " (config.json says tie_word_embeddings=false but the checkpoint has no lm_head.weight)"
+        raise CrossLayerError(f"{path}: the weight files do not match config.json{hint}; {'; '.join(problems)}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight map
 
 
 def from_hf(
@@ -64,20 +164,31 @@ def from_hf(
     cla_pattern: str = "uniform",
     kv_init: str = "mean",
     kv_sources: list[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> CLAForCausalLM:
-    """A CLAForCausalLM built from a transformers Llama-layout causal LM (object or folder/hub id)."""
+    """A CLAForCausalLM from a Llama / Mistral / Qwen2 / dense crosslayer causal LM (object or folder).
+
+    `dtype`: of the result; None keeps the source's. K/V means are taken in fp32 and rounded once.
+    """
     if kv_init not in KV_INITS:
         raise CrossLayerError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
-    source = _load_source(model_or_path)
-    src_config = source.config.to_dict()
-    overrides = dict(cla_factor=cla_factor, cla_pattern=cla_pattern)
-    if kv_sources is not None:
-        overrides = dict(kv_sources=list(kv_sources), cla_pattern="custom")
-    config = load_config(src_config, **overrides)
+    if isinstance(model_or_path, nn.Module):
+        source = model_or_path
+        raw = {**source.config.to_dict(), "architectures": [type(source).__name__]}
+        config = target_config(raw, cla_factor, cla_pattern, kv_sources)
+    else:
+        raw = read_source_config(model_or_path)
+        config = target_config(raw, cla_factor, cla_pattern, kv_sources)  # before the (slow) weights
+        source = _load_source(Path(model_or_path))
     config._attn_implementation = source.config._attn_implementation or "sdpa"
+    group_map = CLA_GROUP_MAP if raw.get("model_type") == "crosslayer" else GROUP_MAP
     state = source.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: one tensor, carried by the embedding
+    out_dtype = dtype or next(iter(state.values())).dtype
+    if config.tie_word_embeddings and "lm_head.weight" in state:
+        if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+            raise CrossLayerError("the source's config says tie_word_embeddings=true, but its lm_head.weight differs "
+                                  "from the embedding: the checkpoint and its config.json disagree")
+        state.pop("lm_head.weight")  # tied: one tensor, carried by the embedding
 
     target: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -88,12 +199,7 @@ def from_hf(
 
     def per_param(template: str, i: int) -> list[tuple[str, str]]:
         params = ("weight", "bias") if "{p}" in template else (None,)
-        out = []
-        for p in params:
-            name = template.format(i=i, p=p)
-            if name in state:
-                out.append((p, name))
-        return out
+        return [(p, template.format(i=i, p=p)) for p in params if template.format(i=i, p=p) in state]
 
     for src, dst in GLOBAL_MAP.items():
         if src in state:
@@ -103,24 +209,22 @@ def from_hf(
             for p, name in per_param(src, i):
                 target[dst.format(i=i, p=p)] = take(name).clone()
     for producer in config.producer_layers:
-        group = [j for j, s in enumerate(config.kv_sources) if s == producer]
+        group = [j for j, s in enumerate(config.kv_sources) if s == producer]  # producer first
         members = group if kv_init == "mean" else [producer]
-        for src, dst in GROUP_MAP.items():
+        for src, dst in group_map.items():
             for p, _ in per_param(src, producer):
-                names = [src.format(i=j, p=p) for j in group]
-                for n in names:  # the dropped ones count as used too: nothing is silently unmapped
-                    used.add(n)
+                for j in group:  # the dropped ones count as used too: nothing is silently unmapped
+                    used.add(src.format(i=j, p=p))
                 picked = [state[src.format(i=j, p=p)] for j in members]
-                merged = picked[0].clone() if len(picked) == 1 else torch.stack([t.float() for t in picked]).mean(0)
-                target[dst.format(i=producer, p=p)] = merged.to(picked[0].dtype)
+                merged = torch.stack([t.float() for t in picked]).mean(0)  # (len(members), *shape) -> shape
+                target[dst.format(i=producer, p=p)] = merged.to(out_dtype)
 
     unused = set(state) - used
     if unused:
         raise CrossLayerError(
             f"{type(source).__name__} has weights this converter does not map: {', '.join(sorted(unused)[:5])}"
-            f"{' ...' if len(unused) > 5 else ''}; supported layouts: Llama"
+            f"{' ...' if len(unused) > 5 else ''}; supported: {', '.join(SOURCE_ARCHITECTURES)}"
         )
-    dtype = next(iter(state.values())).dtype
     with torch.device("meta"):
         model = CLAForCausalLM(config)
     missing, unexpected = model.load_state_dict(target, strict=False, assign=True)
@@ -132,4 +236,92 @@ def from_hf(
     # rotary tables are buffers, not weights: rebuild them on a real device
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     model.generation_config = source.generation_config
-    return model.to(dtype).eval()
+    return model.to(out_dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder to folder, atomically
+
+
+def convert(src: str | Path, out: str | Path, cla_factor: int, cla_pattern: str = "uniform", kv_init: str = "mean",
+            dtype: str = "auto") -> dict[str, Any]:
+    """Convert the checkpoint folder `src` into a new CLA model folder `out`; returns a summary.
+
+    `out` must not exist (or be an empty folder): nothing is ever overwritten. The model is built in
+    memory first (every check runs before anything is written), then saved to a temporary folder
+    beside `out` that is renamed to `out` at the end, or removed on any error.
+    """
+    src, out = Path(src), Path(out)
+    if dtype not in DTYPES:
+        raise CrossLayerError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CrossLayerError(f"{out} already exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    raw = read_source_config(src)
+    before = target_config(raw)  # the source as a dense CLA config: its KV bytes
+    target_config(raw, cla_factor, cla_pattern)  # a bad factor or pattern fails before the (slow) weights load
+    source = _load_source(src)
+    model = from_hf(source, cla_factor=cla_factor, cla_pattern=cla_pattern, kv_init=kv_init, dtype=DTYPES[dtype])
+    config = model.config
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT should look like any folder the user makes
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+        copied = []
+        for name in (*TOKENIZER_FILES, "generation_config.json"):  # the source's own, byte for byte
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+                copied.append(name)
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename cannot replace a folder portably
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "source": str(src), "out": str(out), "architecture": (raw.get("architectures") or ["?"])[0],
+        "layers": config.num_hidden_layers, "producers": config.producer_layers, "kv_sources": config.kv_sources,
+        "kv_init": kv_init, "kv_bytes_before": before.kv_bytes_per_token(), "kv_bytes_after": config.kv_bytes_per_token(),
+        "params_before": sum(p.numel() for p in source.parameters()),
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "tokenizer_files": [n for n in copied if n != "generation_config.json"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a Llama / Mistral / Qwen2 (or dense crosslayer) checkpoint into a CLA model",
+        description="Turn a pretrained checkpoint folder into a CLA model folder: each sharing group's K/V "
+        "projections are merged (mean) or taken from its first layer (first); everything else is copied. "
+        "Uptrain the result with `crosslayer train RECIPE --init OUT`.",
+    )
+    p.add_argument("src", help="source checkpoint folder (config.json + weights; tokenizer files are copied)")
+    p.add_argument("out", help="new model folder (must not exist, or be empty)")
+    p.add_argument("--cla-factor", type=int, required=True, help="layers per sharing group (1: an exact copy)")
+    p.add_argument("--cla-pattern", default="uniform", choices=CLA_PATTERNS, help="which layers produce K/V")
+    p.add_argument("--kv-init", default="mean", choices=KV_INITS,
+                   help="mean: average each group's K/V weights; first: keep the group's first layer's")
+    p.add_argument("--dtype", default="auto", choices=tuple(DTYPES), help="weights of OUT (auto: the source's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = convert(args.src, args.out, args.cla_factor, args.cla_pattern, args.kv_init, args.dtype)
+    n = s["layers"]
+    print(f"source            {s['source']} ({s['architecture']}, {n} layers)")
+    print(f"K/V producers     {n} -> {len(s['producers'])} of {n} layers {s['producers']} "
+          f"(cla_factor {args.cla_factor}, {args.cla_pattern}, kv_init {s['kv_init']})")
+    print(f"KV bytes / token  {s['kv_bytes_before']:,} -> {s['kv_bytes_after']:,} (16-bit)")
+    print(f"parameters        {s['params_before'] / 1e6:,.2f}M -> {s['params_after'] / 1e6:,.2f}M ({s['dtype']})")
+    print(f"tokenizer         {', '.join(s['tokenizer_files']) or 'none in the source folder'}")
+    print(f"wrote             {s['out']}")
+    return 0

@@ -10,6 +10,8 @@ Deviations from transformers' Llama:
     the query-input norm (`input_layernorm`): the paper keeps separate affine parameters for the
     two projections. For a model converted from Llama both start as copies of one norm.
   - `head_dim` is independent of `hidden_size`.
+  - The output projection's bias has its own flag, `o_proj_bias` (default: `attention_bias`), so
+    Qwen2's layout (biases on q, k, v only) is one config away.
   - Weights are initialised N(0, 0.01275) (the paper's) unless `initializer_range` says otherwise.
 The cache is transformers' own: `DynamicCache(config=...)` reads `config.kv_sharing_modes` and
 gives consumer layers a `DummyLayer` that stores nothing, so only producers hold K/V.
@@ -171,7 +173,7 @@ class CLAAttention(nn.Module):
         if self.is_producer:
             self.k_proj = nn.Linear(d, config.num_key_value_heads * self.head_dim, bias=bias)
             self.v_proj = nn.Linear(d, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=config.o_proj_bias)
 
     def forward(
         self,

@@ -3,7 +3,8 @@
 Prepares the built-in `stdlib` corpus (this Python's standard library), trains a tiny MQA model,
 its CLA2 twin (half the KV cache) and the MQA model with half the head dimension (the other way to
 halve the cache), on the same tokens, and prints KV bytes per token, parameters and validation
-perplexity side by side.
+perplexity side by side, and ends with the paper's Figure 1 for these three: KV bytes per token
+against validation perplexity with the Pareto frontier (out/pareto.png).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
+from .config import CLAConfig
 from .data import prepare
+from .plot import pareto_front, plot_pareto
 from .train import TrainConfig, train
 
 MODELS = ("tiny-H32-MQA", "tiny-H32-MQA-CLA2", "tiny-H16-MQA")
@@ -37,6 +40,14 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 120, seq_len: i
                      "parameters": summary["parameters"], "val_loss": summary.get("val_loss"),
                      "val_ppl": summary.get("val_ppl"), "tokens": steps * batch_tokens,
                      "seconds": round(time.perf_counter() - start, 1)})
+    front = pareto_front([(r["kv_bytes_per_token"], r["val_ppl"]) for r in rows])
+    points = []
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+        config = CLAConfig.from_preset(r["model"])
+        points.append({"config": r["model"], "kv_bytes_per_token": r["kv_bytes_per_token"], "mean": r["val_ppl"],
+                       "cla": config.num_producer_layers < config.num_hidden_layers, "pareto": r["pareto"]})
+    plot_pareto(points, out / "pareto.png", title=f"quickstart: {rows[0]['tokens']:,} tokens each, one seed")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     return rows
 
@@ -68,4 +79,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(f"\nSame tokens for each ({rows[0]['tokens']:,}). CLA2 and half head_dim both halve the KV cache; "
           f"the paper finds CLA2 loses less perplexity. Results: {Path(args.out) / 'results.json'}")
+    front = ", ".join(r["model"] for r in rows if r["pareto"])
+    print(f"Pareto frontier (no other model has fewer KV bytes and lower perplexity): {front}; "
+          f"plot: {Path(args.out) / 'pareto.png'}")
     return 0

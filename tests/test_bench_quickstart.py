@@ -50,6 +50,13 @@ def test_quickstart_trains_the_three_way_comparison(tmp_path, capsys):
         assert math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1 and r["tokens"] == 1024
         assert f"{r['val_ppl']:.2f}" in table
     assert (tmp_path / "qs" / "tiny-H32-MQA-CLA2" / "model.safetensors").exists()
+    # it ends with the Pareto plot: CLA2 and H16 halve the KV bytes, so MQA is on the frontier only if it
+    # beats both, and of the two 256-byte models only the lower perplexity is (both on a tie)
+    assert (tmp_path / "qs" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mqa, cla2, h16 = (r["val_ppl"] for r in rows)
+    assert [r["pareto"] for r in rows] == [mqa < min(cla2, h16), cla2 <= h16, h16 <= cla2]
+    front = ", ".join(r["model"] for r in rows if r["pareto"])
+    assert f"Pareto frontier (no other model has fewer KV bytes and lower perplexity): {front};" in table
     # a second run on the same folder reuses the data and the finished runs
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2", "--seq-len", "64",
                  "--batch-tokens", "512", "--no-progress"]) == 0

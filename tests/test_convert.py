@@ -1,16 +1,64 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from crosslayer import CLAForCausalLM, CrossLayerError
-from crosslayer.convert import from_hf
+from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError
+from crosslayer.__main__ import main
+from crosslayer.config import ROPE_TYPES
+from crosslayer.convert import from_hf, target_config
+
+from .conftest import REPO
+
+SHAPE = dict(vocab_size=257, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.05)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=1000.0)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(rope_theta=1000.0, sliding_window=None)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1000.0)),
+}
+
+
+def tiny(family: str = "llama", **kw):
+    """A random tiny fp32 model of a transformers family; biases (Qwen2's q/k/v) random too, so means show."""
+    config_cls, model_cls, fields = FAMILIES[family]
+    model = model_cls(config_cls(**{**SHAPE, **fields, **kw})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name:  # default init: zeros / ones, the same in every layer
+                p.normal_(1.0 if "layernorm" in name else 0.0, 0.1)
+    return model
 
 
 def tiny_llama(**kw):
-    fields = dict(vocab_size=257, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=1000.0, initializer_range=0.05)
-    fields.update(kw)
-    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    return tiny("llama", **kw)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def no_leftovers(parent: Path, name: str) -> bool:
+    """Neither OUT nor a staging folder for it exists in parent."""
+    return not (parent / name).exists() and not list(parent.glob(f".{name}.*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight map
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -28,33 +76,107 @@ def test_cla1_copy_of_gqa_llama_has_identical_logits(attn, tie):
     assert torch.equal(a, b)
 
 
-def test_llama3_rope_scaling_is_carried_over(tmp_path):
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    llama = tiny_llama(rope_parameters=rope, max_position_embeddings=256)
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_cla1_copy_of_mistral_and_qwen2_has_identical_logits(family):
+    source = tiny(family)
+    cla = from_hf(source)
+    assert (cla.config.attention_bias, cla.config.o_proj_bias) == ((True, False) if family == "qwen2" else (False, False))
+    # our shape arithmetic agrees with the model built (Qwen2: q/k/v biases, none on o)
+    assert cla.config.num_parameters() == sum(p.numel() for p in cla.parameters())
+    ids = torch.randint(0, 257, (2, 40))
+    torch.testing.assert_close(logits(cla, ids), logits(source, ids), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        a = source.generate(ids[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = cla.generate(ids[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 1000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+    "longrope": {"rope_type": "longrope", "rope_theta": 1000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+                 "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": 32},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "proportional": {"rope_type": "proportional", "rope_theta": 1000.0, "partial_rotary_factor": 0.5},
+}
+
+
+def test_rope_types_accepted_are_the_ones_tested():
+    assert set(ROPE_TYPES) == set(ROPES)
+    assert set(ROPE_TYPES) <= {"default", *ROPE_INIT_FUNCTIONS}
+
+
+@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+def test_every_accepted_rope_type_is_reproduced_exactly(rope_type, tmp_path):
+    llama = tiny_llama(rope_parameters=ROPES[rope_type], num_hidden_layers=2)
     llama.save_pretrained(tmp_path / "src")
     cla = from_hf(tmp_path / "src")  # from a folder, as users have
-    ids = torch.randint(0, 257, (1, 100))
+    # 200 tokens: past max_position_embeddings (128) and every original_max_position_embeddings,
+    # where dynamic / longrope switch their tables
+    for n in (20, 200):
+        ids = torch.randint(0, 257, (1, n))
+        torch.testing.assert_close(logits(cla, ids), logits(llama, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("factor", [2, 3])
+def test_mean_is_the_true_mean_and_first_is_the_first(family, factor):
+    source = tiny(family)
+    layers = source.model.layers
+    mean = from_hf(source, cla_factor=factor, kv_init="mean")
+    first = from_hf(source, cla_factor=factor, kv_init="first")
+    assert mean.config.kv_sources == ([0, 0, 2, 2] if factor == 2 else [0, 0, 0, 3])
+    names = ["self_attn.k_proj.weight", "self_attn.v_proj.weight"]
+    if family == "qwen2":
+        names += ["self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    for p in mean.config.producer_layers:
+        group = [j for j, s in enumerate(mean.config.kv_sources) if s == p]
+        for name in names:
+            got = mean.model.layers[p].get_parameter(name)
+            ws = [layers[j].get_parameter(name) for j in group]
+            # a running pairwise mean ((a + b) / 2 + c) / 2 would be off by ~1e-2 for a group of three
+            torch.testing.assert_close(got, sum(ws) / len(ws), rtol=0, atol=1e-7)
+            assert torch.equal(first.model.layers[p].get_parameter(name), ws[0])
+        norms = [layers[j].input_layernorm.weight for j in group]
+        torch.testing.assert_close(mean.model.layers[p].kv_layernorm.weight, sum(norms) / len(norms), rtol=0, atol=1e-7)
+        assert torch.equal(first.model.layers[p].kv_layernorm.weight, norms[0])
+    for i, src_layer in enumerate(layers):  # every layer keeps its own Q, O, MLP and norms
+        for name, tensor in src_layer.named_parameters():
+            if "k_proj" in name or "v_proj" in name:
+                continue
+            assert torch.equal(mean.model.layers[i].get_parameter(name), tensor), (i, name)
+            assert torch.equal(first.model.layers[i].get_parameter(name), tensor), (i, name)
+        if mean.config.kv_sources[i] != i:
+            assert not hasattr(mean.model.layers[i].self_attn, "k_proj")
+
+
+def test_dense_crosslayer_model_converts_with_its_own_kv_norms():
+    from .conftest import tiny_config
+
+    dense = CLAForCausalLM(tiny_config(num_hidden_layers=4)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(cla(ids).logits, llama(ids).logits, rtol=0, atol=1e-5)
+        for layer in dense.model.layers:
+            layer.kv_layernorm.weight.normal_(1.0, 0.1)
+            layer.input_layernorm.weight.normal_(1.0, 0.1)
+    ids = torch.randint(0, 211, (2, 15))
+    torch.testing.assert_close(logits(from_hf(dense), ids), logits(dense, ids), rtol=0, atol=0)
+    mean = from_hf(dense, cla_factor=2)
+    a, b = dense.model.layers[2].kv_layernorm.weight, dense.model.layers[3].kv_layernorm.weight
+    assert torch.equal(mean.model.layers[2].kv_layernorm.weight, (a + b) / 2)
+    assert torch.equal(mean.model.layers[3].input_layernorm.weight, dense.model.layers[3].input_layernorm.weight)
+    with pytest.raises(CrossLayerError, match="already shares K/V"):
+        from_hf(mean, cla_factor=2)
 
 
-def test_factor_two_mean_and_first():
-    llama = tiny_llama()
-    layers = llama.model.layers
-    mean = from_hf(llama, cla_factor=2, kv_init="mean")
-    first = from_hf(llama, cla_factor=2, kv_init="first")
-    assert mean.config.kv_sources == [0, 0, 2, 2]
-    for p in (0, 2):
-        for proj in ("k_proj", "v_proj"):
-            a, b = getattr(layers[p].self_attn, proj).weight, getattr(layers[p + 1].self_attn, proj).weight
-            assert torch.equal(getattr(mean.model.layers[p].self_attn, proj).weight, (a + b) / 2)
-            assert torch.equal(getattr(first.model.layers[p].self_attn, proj).weight, a)
-        norms = layers[p].input_layernorm.weight, layers[p + 1].input_layernorm.weight
-        assert torch.equal(mean.model.layers[p].kv_layernorm.weight, (norms[0] + norms[1]) / 2)
-        # consumers keep their own query-side weights
-        assert torch.equal(mean.model.layers[p + 1].self_attn.q_proj.weight, layers[p + 1].self_attn.q_proj.weight)
-        assert torch.equal(mean.model.layers[p + 1].input_layernorm.weight, layers[p + 1].input_layernorm.weight)
+def test_dtype_rounds_the_fp32_mean_once():
+    source = tiny_llama()
+    bf16 = from_hf(source, cla_factor=2, dtype=torch.bfloat16)
+    fp32 = from_hf(source, cla_factor=2)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    assert torch.equal(bf16.model.layers[0].self_attn.k_proj.weight, fp32.model.layers[0].self_attn.k_proj.weight.bfloat16())
 
 
 def test_converted_model_does_not_share_storage_with_source():
@@ -65,9 +187,192 @@ def test_converted_model_does_not_share_storage_with_source():
     assert not torch.equal(cla.model.layers[0].self_attn.q_proj.weight, llama.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_bad_inputs(tmp_path):
+def test_old_configs_without_o_proj_bias_still_load():
+    old = CLAConfig(**{k: v for k, v in SHAPE.items() if k != "initializer_range"}, attention_bias=True)
+    assert old.o_proj_bias is True
+    assert CLAForCausalLM(old).model.layers[0].self_attn.o_proj.bias is not None
+    with pytest.raises(CrossLayerError, match="o_proj_bias must be true or false"):
+        CLAConfig(**SHAPE, o_proj_bias="no")
+
+
+# ----------------------------------------------------------------------------------------------
+# `crosslayer convert` on folders
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory, wiki_tokenizer):
+    """A saved tiny Qwen2 (random biases) with a real tokenizer and a generation config of its own."""
+    model = tiny("qwen2", vocab_size=len(wiki_tokenizer))
+    model.generation_config.temperature = 0.7
+    model.generation_config.do_sample = True
+    folder = tmp_path_factory.mktemp("src") / "qwen2"
+    model.save_pretrained(folder)
+    wiki_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_converts_a_folder_that_loads_in_a_fresh_process(tmp_path, qwen2_folder, wiki_tokenizer, capsys):
+    out1, out2 = tmp_path / "cla1", tmp_path / "nested" / "cla2"
+    assert main(["convert", str(qwen2_folder), str(out1), "--cla-factor", "1"]) == 0
+    assert main(["convert", str(qwen2_folder), str(out2), "--cla-factor", "2", "--kv-init", "mean"]) == 0
+    printed = capsys.readouterr().out
+    assert "KV bytes / token  256 -> 128" in printed and f"wrote             {out2}" in printed
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out2 / name).read_bytes() == (qwen2_folder / name).read_bytes(), name
+    assert not list(tmp_path.glob(".*")) and not list((tmp_path / "nested").glob(".*"))  # no staging folder left
+
+    text = "The tower was completed in 1889 and stood as the tallest structure in the world."
+    script = (
+        "import sys, torch, crosslayer\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "out = {}\n"
+        "for path in sys.argv[2:]:\n"
+        "    tok = AutoTokenizer.from_pretrained(path)\n"
+        "    model = AutoModelForCausalLM.from_pretrained(path).eval()\n"
+        "    ids = torch.tensor([tok(sys.argv[1])['input_ids']])\n"
+        "    with torch.no_grad():\n"
+        "        out[path] = (type(model).__name__, ids, model(ids).logits, model.generation_config.temperature)\n"
+        "torch.save(out, sys.stdout.buffer)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, text, str(out1), str(out2)], capture_output=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    import io
+
+    loaded = torch.load(io.BytesIO(proc.stdout), weights_only=True)
+    ids = torch.tensor([wiki_tokenizer(text)["input_ids"]])
+    source = Qwen2ForCausalLM.from_pretrained(qwen2_folder).eval()
+    mean = from_hf(source, cla_factor=2)
+    for path, expected in ((out1, logits(source, ids)), (out2, logits(mean, ids))):
+        arch, got_ids, got, temperature = loaded[str(path)]
+        assert arch == "CLAForCausalLM" and torch.equal(got_ids, ids) and temperature == 0.7
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # CLA2 really changed the model: merged K/V give other logits than the source's
+    assert (loaded[str(out2)][2] - logits(source, ids)).abs().max() > 1e-3
+
+
+def test_out_that_exists_is_never_touched(tmp_path, qwen2_folder):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["convert", str(qwen2_folder), str(out), "--cla-factor", "2"]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is fine: nothing to lose
+    assert main(["convert", str(qwen2_folder), str(empty), "--cla-factor", "2"]) == 0
+    assert (empty / "model.safetensors").exists()
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg))
+
+
+def _drop_weight(folder: Path, name: str) -> None:
+    weights = load_file(folder / "model.safetensors")
+    del weights[name]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _saved(tmp_path: Path, model, **config_changes) -> Path:
+    folder = tmp_path / "src"
+    model.save_pretrained(folder)
+    _edit_config(folder, **config_changes)
+    return folder
+
+
+BAD_SOURCES = {
+    "missing": (lambda t: t / "nope", "is not a folder"),
+    "no config": (lambda t: (t / "src").mkdir() or t / "src", "no config.json"),
+    "no weights": (lambda t: (_saved(t, tiny_llama()) / "model.safetensors").unlink() or t / "src",
+                   "cannot load the weights"),
+    "other family": (lambda t: _saved(t, tiny_llama(), model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+                     "supported architectures are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+    "other head": (lambda t: _saved(t, tiny_llama(), architectures=["LlamaForSequenceClassification"]),
+                   "supported architectures are"),
+    "mistral window": (lambda t: _saved(t, tiny("mistral", sliding_window=16)), "sliding-window attention"),
+    "qwen2 window": (lambda t: _saved(t, tiny("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2)),
+                     "sliding-window attention"),
+    "rope type": (lambda t: _saved(t, tiny_llama(), rope_parameters={"rope_type": "mrope", "rope_theta": 1e4}),
+                  "rope_type 'mrope' is not implemented; supported: default, linear"),
+    "untied, no head": (lambda t: _saved(t, tiny_llama(tie_word_embeddings=True), tie_word_embeddings=False),
+                        "tie_word_embeddings=false but the checkpoint has no lm_head.weight"),
+    "tied, own head": (lambda t: _saved(t, tiny_llama(), tie_word_embeddings=True),
+                       "says tie_word_embeddings=true, but its lm_head.weight differs"),
+    "missing weight": (lambda t: _drop_weight(_saved(t, tiny_llama()), "model.layers.1.self_attn.k_proj.weight")
+                       or t / "src", "missing: model.layers.1.self_attn.k_proj.weight"),
+    "wrong shape": (lambda t: _saved(t, tiny_llama(), intermediate_size=96), "mismatched: model.layers.0.mlp"),
+    "already CLA2": (lambda t: _saved(t, CLAForCausalLM(CLAConfig(**SHAPE, cla_factor=2))), "already shares K/V"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_bad_sources_fail_clearly_and_write_nothing(case, tmp_path, capsys):
+    make, message = BAD_SOURCES[case]
+    src = make(tmp_path)
+    outdir = tmp_path / "outs"
+    outdir.mkdir()
+    assert main(["convert", str(src), str(outdir / "cla2"), "--cla-factor", "2"]) == 2
+    err = capsys.readouterr().err  # after the progress bars of saving the source
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("crosslayer convert: error: ") and message in last and "Traceback" not in err, err
+    assert no_leftovers(outdir, "cla2") and list(outdir.iterdir()) == []
+
+
+def test_sliding_window_that_cannot_take_effect_is_accepted():
+    for source in (tiny("mistral", sliding_window=4096), tiny("qwen2", use_sliding_window=False, sliding_window=16),
+                   tiny("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=4)):
+        ids = torch.randint(0, 257, (1, 40))
+        torch.testing.assert_close(logits(from_hf(source), ids), logits(source, ids), rtol=0, atol=1e-6)
+
+
+def test_qwen2_config_without_layer_types_windows_from_max_window_layers():
+    raw = {**tiny("qwen2").config.to_dict(), "use_sliding_window": True, "sliding_window": 16,
+           "architectures": ["Qwen2ForCausalLM"]}
+    del raw["layer_types"]  # as in configs saved before transformers had the field
+    assert target_config({**raw, "max_window_layers": 4}, cla_factor=2).kv_sources == [0, 0, 2, 2]
+    with pytest.raises(CrossLayerError, match="sliding-window attention"):
+        target_config({**raw, "max_window_layers": 2}, cla_factor=2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cla-factor", "0"], "cla_factor must be"),
+    (["--cla-factor", "2", "--cla-pattern", "every_other"], "invalid choice"),
+])
+def test_bad_flags(args, message, tmp_path, qwen2_folder, capsys):
+    code = None
+    try:
+        code = main(["convert", str(qwen2_folder), str(tmp_path / "out"), *args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_failure_while_writing_removes_the_staging_folder(tmp_path, qwen2_folder, monkeypatch):
+    def broken_save(self, *args, **kwargs):
+        Path(args[0], "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(CLAForCausalLM, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        main(["convert", str(qwen2_folder), str(tmp_path / "out"), "--cla-factor", "2"])
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_kv_init_is_checked():
     with pytest.raises(CrossLayerError, match="kv_init must be one of"):
         from_hf(tiny_llama(), kv_init="median")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CrossLayerError, match="no config.json"):
-        from_hf(tmp_path / "empty")
+
+
+def test_cli_exit_code_in_a_real_process(tmp_path):
+    from .conftest import run_cli
+
+    proc = run_cli("convert", str(tmp_path / "absent"), str(tmp_path / "out"), "--cla-factor", "2")
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and not (tmp_path / "out").exists()
