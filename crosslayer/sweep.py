@@ -101,7 +101,7 @@ def _number_list(where: str, value: Any, kind: type) -> list:
     return out
 
 
-def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
+def load_sweep(path: str | Path, out: str | None = None, check_data: bool = True) -> Sweep:
     """Read and check a sweep YAML; every model config and the training keys are validated up front."""
     path = Path(path)
     if not path.exists():
@@ -118,7 +118,8 @@ def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
     for key in ("data", "models"):
         if not raw.get(key):
             raise CrossLayerError(f"{path}: `{key}` is required")
-    read_meta(raw["data"])  # a clear error now if the dataset is missing, not at the first run
+    if check_data:
+        read_meta(raw["data"])  # a clear error now if the dataset is missing, not at the first run
     out = out or raw.get("out")
     if not out:
         raise CrossLayerError(f"{path}: give `out` (the sweep folder) or --out")

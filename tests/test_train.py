@@ -249,7 +249,7 @@ def test_every_shipped_recipe_is_valid():
 
     sweeps = sorted((REPO / "configs").glob("sweep-*.yaml"))  # grids of runs, not one recipe
     for path in sweeps:
-        assert load_sweep(path).models
+        assert load_sweep(path, check_data=False).models  # the data is prepared by the commands in its header
     recipes = sorted(set((REPO / "configs").glob("*.yaml")) - set(sweeps))
     assert len(recipes) >= 8 and len(sweeps) >= 1
     for path in recipes:
