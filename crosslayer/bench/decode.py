@@ -116,10 +116,10 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype, max_len:
     return llama, cla1, cla
 
 
-def run_decode(preset: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, modes: list[str], warmup: int,
-               repeats: int, dtype: str, device: torch.device, baseline: bool = True) -> dict:
-    torch_dtype = pick_dtype(dtype, device)
-    llama, cla1, cla = build_models(preset, device, torch_dtype, prompt_len + new_tokens)
+def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, modes: list[str],
+               warmup: int, repeats: int, device: torch.device, baseline: bool = True) -> dict:
+    """Time every runner at every batch size; `models` is `build_models(...)`'s triple."""
+    llama, cla1, cla = models
     bandwidth = measure_bandwidth(device)
     context = prompt_len + new_tokens / 2  # mean context over the decode steps
     rows, checks = [], {}
@@ -135,12 +135,12 @@ def run_decode(preset: str, batch_sizes: list[int], prompt_len: int, new_tokens:
         prefill: dict = {k: [] for k in runners}
         decode: dict = {k: [] for k in runners}
         outputs = {}
-        for key, (run, _, _) in runners.items():
+        for run, _, _ in runners.values():
             for _ in range(warmup):
-                _, outputs[key] = run()
+                run()
         for _ in range(repeats):
             for key, (run, _, _) in runners.items():
-                stamps, _ = run()
+                stamps, outputs[key] = run()
                 prefill[key].append(stamps[0])
                 decode[key].append(batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
         if baseline:  # our CLA1 copy must decode exactly what transformers decodes (fp32; ties may flip in 16-bit)
@@ -155,8 +155,9 @@ def run_decode(preset: str, batch_sizes: list[int], prompt_len: int, new_tokens:
                          "prefill_ms": 1e3 * statistics.median(prefill[key]), "decode_tokens_per_s": tps,
                          "decode_tokens_per_s_all": decode[key], "bytes_per_step": step_bytes,
                          "roofline_tokens_per_s": roofline, "bw_util": tps / roofline})
+    dtype = str(next(cla.parameters()).dtype).replace("torch.", "")
     result = {"benchmark": "decode", "device": _device_name(device), "torch": torch.__version__, "preset": preset,
-              "dtype": str(torch_dtype).replace("torch.", ""), "bandwidth_bytes_per_s": bandwidth, "rows": rows,
+              "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "rows": rows,
               "greedy_equal_to_transformers": checks, "ratios": _ratios(rows, preset)}
     return result
 
@@ -178,13 +179,12 @@ def _ratios(rows: list[dict], preset: str) -> list[dict]:
     return out
 
 
-def profile_decode(preset: str, batch: int, prompt_len: int, new_tokens: int, dtype: str, device: torch.device,
+def profile_decode(models: tuple, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
                    out_dir: Path, rows: int = 25) -> list[Path]:
     """torch.profiler tables (self time per op) of one decode by each runner, written to out_dir."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch_dtype = pick_dtype(dtype, device)
-    llama, cla1, _ = build_models(preset, device, torch_dtype, prompt_len + new_tokens)
+    llama, cla1, _ = models
     ids = torch.randint(0, cla1.config.vocab_size, (batch, prompt_len), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,11 +228,12 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.warmup < 0:
         raise CrossLayerError("need --prompt-len >= 1, --new-tokens >= 2, --repeats >= 1, --warmup >= 0")
     batches = _ints(args.batch_sizes, "--batch-sizes")
-    result = run_decode(args.preset, batches, args.prompt_len, args.new_tokens, modes, args.warmup, args.repeats,
-                        args.dtype, device, baseline=not args.no_baseline)
+    models = build_models(args.preset, device, pick_dtype(args.dtype, device), args.prompt_len + args.new_tokens)
+    result = run_decode(models, args.preset, batches, args.prompt_len, args.new_tokens, modes, args.warmup,
+                        args.repeats, device, baseline=not args.no_baseline)
     if args.profile:
-        result["profiles"] = [str(p) for p in profile_decode(args.preset, batches[0], args.prompt_len,
-                                                             args.new_tokens, args.dtype, device, Path(args.profile))]
+        result["profiles"] = [str(p) for p in profile_decode(models, batches[0], args.prompt_len, args.new_tokens,
+                                                             device, Path(args.profile))]
     print(f"device: {result['device']}, {result['dtype']}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     print(f"{'model':22s} {'path':9s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} {'decode tok/s':>12s} "
