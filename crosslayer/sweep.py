@@ -47,7 +47,7 @@ from .checkpoint import list_checkpoints
 from .config import load_config
 from .data import read_meta
 from .errors import CrossLayerError
-from .train import TrainConfig, train
+from .train import TrainConfig, build_model_config, train
 
 SWEEP_KEYS = ("data", "out", "models", "model_defaults", "lrs", "seeds", "best_lr_seeds", "train", "wikitext",
               "launcher")
@@ -303,7 +303,7 @@ def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path
     resumed = int(existing[-1].name.split("_")[-1]) if existing else 0
     start = time.perf_counter()
     summary = _train_launched(cfg, sweep.launcher, run_dir) if sweep.launcher else _train_in_process(cfg)
-    config = load_config(dict(model.spec) if isinstance(model.spec, dict) else model.spec)
+    config = build_model_config(cfg, read_meta(sweep.data))  # the model the trainer built, vocabulary included
     evals = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -332,8 +332,6 @@ def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path
         record.update(wikitext_ppl=result["perplexity"], wikitext_bits_per_byte=result.get("bits_per_byte"),
                       wikitext_tokens=result["tokens_scored"], wikitext_file=str(wikitext))
     if record["parameters"] is None:
-        vocab = read_meta(sweep.data)["vocab_size"]
-        config.vocab_size = max(config.vocab_size, -(-vocab // 64) * 64)
         record["parameters"] = config.num_parameters()
     record.update(wall_s=round(time.perf_counter() - start, 1), resumed_from_step=resumed)
     run_dir.mkdir(parents=True, exist_ok=True)
