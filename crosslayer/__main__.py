@@ -1,35 +1,51 @@
-"""The `crosslayer` command: a table of subcommands, each registered by its own module."""
+"""The `crosslayer` command: subcommand name -> the CLI module that registers and runs it."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 
 from .errors import CrossLayerError
 
-# subcommand modules, in the order `crosslayer --help` lists them; each has add_parser(subparsers)
-SUBCOMMANDS = [
-    "crosslayer.quickstart", "crosslayer.data", "crosslayer.train", "crosslayer.kv", "crosslayer.convert",
-    "crosslayer.generate", "crosslayer.eval", "crosslayer.bench",
-    "crosslayer.sweep", "crosslayer.plot",
-]
+# in the order `crosslayer --help` lists them; each module has register(subparsers)
+COMMANDS = {
+    "quickstart": "crosslayer.cli.quickstart",
+    "prepare": "crosslayer.cli.data",
+    "train": "crosslayer.cli.train",
+    "kv": "crosslayer.cli.kv",
+    "convert": "crosslayer.cli.convert",
+    "generate": "crosslayer.cli.generate",
+    "eval": "crosslayer.cli.eval",
+    "bench": "crosslayer.cli.bench",
+    "sweep": "crosslayer.cli.sweep",
+    "plot": "crosslayer.cli.sweep",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crosslayer", description="Cross-Layer Attention: define, train, convert and measure CLA models."
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
-        importlib.import_module(name).add_parser(sub)
+def build_parser():
+    from .cli import ArgumentParser, setup_logging  # noqa: F401
+
+    parser = ArgumentParser(prog="crosslayer",
+                            description="Cross-Layer Attention: define, train, convert, evaluate, serve and measure CLA "
+                                        "models. `crosslayer COMMAND --help` for each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser)
+    registered = set()
+    for module in COMMANDS.values():
+        if module not in registered:
+            importlib.import_module(module).register(sub)
+            registered.add(module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from .cli import setup_logging
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (one line, exit 2) and --help (exit 0)
+        return int(e.code or 0)
+    setup_logging(quiet=getattr(args, "no_progress", False))
     try:
         return int(args.func(args) or 0)
     except CrossLayerError as e:

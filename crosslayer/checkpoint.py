@@ -1,9 +1,13 @@
-"""Training checkpoints: atomic writes, the last k kept, exact resume.
+"""Training checkpoints: sharded, atomic, resumable on any number of processes, loadable as a model.
 
 A checkpoint is a folder `checkpoints/step_00000100/` holding
-  model.safetensors  full (unsharded) weights, so N processes can resume on M
-  optimizer.pt       full optimizer state keyed by parameter name (torch.load(weights_only=True))
-  state.pt           step, RNG states of every generator, the run's config (weights_only too)
+  state/             model and optimizer state through torch.distributed.checkpoint: every process
+                     writes its own shard (FSDP2) or its share of the replicated tensors (DDP), so no
+                     process ever gathers the full state; on load it is resharded to however many
+                     processes resume the run
+  trainer.pt         step, RNG states, the run's settings, the world size (torch.load weights_only)
+  config.json        the model's config, and the dataset's tokenizer files: the folder is a model
+                     folder that `crosslayer eval` / `generate` load directly (`load_step_checkpoint_model`)
 It is written into `.tmp-step_*`, every file fsynced, then renamed into place: a kill at any moment
 leaves either the old set of checkpoints or the new one, never a half-written `step_*` folder.
 """
@@ -19,11 +23,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 
 from .errors import CrossLayerError
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+STATE = "state"  # the torch.distributed.checkpoint folder inside a step folder
+TRAINER = "trainer.pt"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(Path(root) / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,9 +48,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,8 +85,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(py[:-1]), py[-1] or None))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and resuming
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -72,48 +102,61 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name)[1]))
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    extra: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write one checkpoint atomically and delete all but the newest `keep`."""
+def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter name; DTensor shards under FSDP2, nothing gathered."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, Any], model_files: callable, keep: int = 2) -> Path:
+    """Write one checkpoint (a collective: every process calls it) and delete all but the newest `keep`.
+
+    `model_files(folder)` writes the config and tokenizer files (rank 0 only)."""
+    import torch.distributed.checkpoint as dcp
+
     folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}"
     tmp = folder / f".tmp-step_{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(tensors, tmp / "model.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"step": step, "rng": rng_state(), **extra}, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. after resume): replace the older copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(folder)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / STATE), no_dist=not _distributed())
+    if _rank() == 0:
+        model_files(tmp)
+        torch.save({"step": step, "rng": rng_state(), **extra}, tmp / TRAINER)
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. after resume): replace the older copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model tensors, optimizer state, extra state incl. step and rng) of one checkpoint folder."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a checkpoint into `model` and `optimizer` (resharded to this run's processes); returns
+    the trainer state (step, rng, settings)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     path = Path(path)
     try:
-        model_state = load_file(path / "model.safetensors")
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError) as e:
-        raise CrossLayerError(f"checkpoint {path} cannot be read ({e}); delete it to resume from an older one") from None
-    return model_state, optimizer_state, state
+        trainer = torch.load(path / TRAINER, weights_only=True, map_location="cpu")
+        state = _train_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path / STATE), no_dist=not _distributed())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CrossLayerError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              "delete it to resume from an older one") from None
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    return trainer
 
 
 def clean_partial(run_dir: Path) -> None:
@@ -122,3 +165,36 @@ def clean_partial(run_dir: Path) -> None:
     if folder.is_dir():
         for p in folder.glob(".tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# A step checkpoint as a model
+
+
+def is_step_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / STATE / ".metadata").is_file() and (Path(folder) / "config.json").is_file()
+
+
+def load_step_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32):
+    """The model a step checkpoint holds, consolidated from its shards in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from .config import load_config
+    from .modeling import CLAForCausalLM
+
+    folder = Path(folder)
+    config = load_config(folder)
+    with torch.device("meta"):
+        model = CLAForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(folder / STATE), no_dist=True)  # this process alone, whatever wrote it
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CrossLayerError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+    model.load_state_dict(state["model"])
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # buffers, not weights: rebuilt on the CPU
+    return model.to(dtype).eval()

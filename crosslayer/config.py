@@ -364,7 +364,7 @@ def _check_no_sliding_window(raw: dict[str, Any]) -> None:
         )
 
 
-def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
+def fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     """CLAConfig fields from a transformers Llama-family config.json (a dense, CLA1 model)."""
     model_type = raw.get("model_type")
     if model_type not in LLAMA_FAMILY:
@@ -390,6 +390,25 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("attention_dropout"):
         fields["attention_dropout"] = 0.0  # inference-time dropout is off anyway; CLA models use none
     return fields
+
+
+def to_llama_config(config: CLAConfig, max_len: int = 0):
+    """transformers' LlamaConfig of the same shape as `config`: its dense (CLA1) twin, every layer its own K/V.
+
+    The inverse of `fields_from_hf` for a Llama config; `max_len` raises max_position_embeddings."""
+    from transformers import LlamaConfig
+
+    if config.o_proj_bias != config.attention_bias:
+        raise CrossLayerError("a Llama config has one attention_bias for q, k, v and o; this config differs on o")
+    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                       num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                       head_dim=config.head_dim, max_position_embeddings=max(config.max_position_embeddings, max_len),
+                       rms_norm_eps=config.rms_norm_eps, rope_parameters=dict(config.rope_parameters),
+                       tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
+                       attention_bias=config.attention_bias, mlp_bias=config.mlp_bias, hidden_act=config.hidden_act,
+                       bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                       pad_token_id=config.pad_token_id, attn_implementation="sdpa")
 
 
 def load_config(spec: str | dict[str, Any], **overrides: Any) -> CLAConfig:
@@ -428,7 +447,7 @@ def load_config(spec: str | dict[str, Any], **overrides: Any) -> CLAConfig:
         base = preset_fields(raw.pop("preset"))
         raw = {**base, **raw}
     if raw.get("model_type", "crosslayer") != "crosslayer":
-        raw = _fields_from_hf(raw)
+        raw = fields_from_hf(raw)
     raw.pop("model_type", None)
     raw.pop("architectures", None)
     raw.pop("transformers_version", None)

@@ -1,22 +1,20 @@
-"""Pretrained checkpoints -> CLA models: a declarative weight map, and the `crosslayer convert` command.
+"""Pretrained checkpoints -> CLA models: a declarative weight map, and folder-to-folder conversion.
 
 Sources: transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (one layout; Qwen2
-adds biases to q/k/v), and dense crosslayer models (every layer its own producer, e.g. an MQA model
-from `crosslayer train`). Every tensor of the source is used exactly once (asserted). Per-layer
+adds biases to q/k/v) as folders, hub ids or GGUF files, and dense crosslayer models (every layer
+its own producer, e.g. an MQA model from `crosslayer train`). Every tensor of the source is used exactly once (asserted). Per-layer
 weights (Q, O, MLP, norms) are copied. Each producer's K/V projections (and biases) and KV-input
 norm are initialised from its group (the producer and the consumers that will read its K/V):
   mean:  the uniform mean over the group's layers (the paper's better uptraining start);
   first: the producer's own (the group's first layer) weights; the others are dropped.
 With cla_factor=1 every layer is its own group and the copy is exact.
 
-`crosslayer convert SRC OUT` writes OUT atomically (a temporary folder beside it, renamed at the
+`convert(src, out)` writes OUT atomically (a temporary folder beside it, renamed at the
 end) with the source's tokenizer files and generation config; on any error nothing is left behind.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -27,15 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CLA_PATTERNS, MODEL_FIELDS, CLAConfig, load_config
+from .config import MODEL_FIELDS, CLAConfig, load_config
 from .errors import CrossLayerError
 from .modeling import CLAForCausalLM
+from .runtime import copy_tokenizer_files, dtype_by_name, looks_like_path, quiet_transformers, split_model_spec
 
 KV_INITS = ("mean", "first")
 SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# model_type -> class, for configs that do not name their class (those read from GGUF metadata)
+ARCHITECTURE_OF = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                   "crosslayer": "CLAForCausalLM"}
 
 # source name -> our name, per layer ({i}; {p} is weight or bias) and global
 LAYER_MAP = {
@@ -67,19 +66,34 @@ GLOBAL_MAP = {
 # The source: its config first (cheap checks), then its weights
 
 
-def read_source_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a local checkpoint folder, refusing what this converter cannot take."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CrossLayerError(f"source {path} is not a folder (give a saved transformers or crosslayer checkpoint)")
-    if not (path / "config.json").exists():
-        raise CrossLayerError(f"{path} has no config.json: not a transformers checkpoint folder")
+def read_source_config(spec: str | Path, gguf_file: str | None = None) -> dict[str, Any]:
+    """The config (as a dict, with `architectures`) of a checkpoint folder, hub id or GGUF file,
+    before any weight is read."""
+    location, gguf_file = split_model_spec(spec, gguf_file)
+    path = Path(location)
+    if gguf_file is None and (path.exists() or looks_like_path(location)):
+        if not path.is_dir():
+            raise CrossLayerError(f"source {path} is not a folder (give a checkpoint folder, a hub id or a .gguf file)")
+        if not (path / "config.json").exists():
+            raise CrossLayerError(f"{path} has no config.json: not a transformers checkpoint folder")
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CrossLayerError(f"cannot read {path / 'config.json'}: {e}") from None
+        if not isinstance(raw, dict):
+            raise CrossLayerError(f"{path / 'config.json'} does not hold a JSON object")
+        return raw
+    from transformers import AutoConfig
+
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CrossLayerError(f"cannot read {path / 'config.json'}: {e}") from None
-    if not isinstance(raw, dict):
-        raise CrossLayerError(f"{path / 'config.json'} does not hold a JSON object")
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
+                AutoConfig.from_pretrained(location)
+    except (OSError, ValueError, KeyError) as e:
+        raise CrossLayerError(f"cannot read the config of {spec}: {type(e).__name__}: {e}") from None
+    raw = config.to_dict()
+    if not raw.get("architectures"):  # GGUF metadata names the model type, not the class
+        raw["architectures"] = [ARCHITECTURE_OF.get(raw.get("model_type"), raw.get("model_type"))]
     return raw
 
 
@@ -87,7 +101,7 @@ def _check_architecture(raw: dict[str, Any]) -> None:
     archs = raw.get("architectures") or []
     if any(a not in SOURCE_ARCHITECTURES for a in archs):
         raise CrossLayerError(
-            f"cannot convert a {', '.join(archs)}: supported architectures are {', '.join(SOURCE_ARCHITECTURES)}"
+            f"cannot convert a {', '.join(map(str, archs))}: supported architectures are {', '.join(SOURCE_ARCHITECTURES)}"
         )
 
 
@@ -112,33 +126,23 @@ def target_config(raw: dict[str, Any], cla_factor: int = 1, cla_pattern: str = "
     return load_config(raw, **overrides)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No transformers warnings or progress bars: we report missing / unexpected weights ourselves, as errors."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _load_source(path: Path) -> nn.Module:
-    """The source model from a folder; refuses weights transformers would silently make up or drop."""
+def load_source(spec: str | Path, gguf_file: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The source model from a folder, hub id or GGUF file (dequantised to `dtype`, default fp32);
+    refuses weights transformers would silently make up or drop."""
     from transformers import AutoModelForCausalLM
 
+    location, gguf_file = split_model_spec(spec, gguf_file)
+    kwargs: dict[str, Any] = dict(dtype=dtype or "auto", output_loading_info=True,
+                                  # report a wrong shape in `info` (refused below) instead of raising
+                                  ignore_mismatched_sizes=True)
+    if gguf_file:
+        kwargs.update(gguf_file=gguf_file, dtype=dtype or torch.float32)
     try:
-        with _quiet_transformers():
-            # ignore_mismatched_sizes: report a wrong shape in `info` (refused below) instead of raising
-            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
-                                                               ignore_mismatched_sizes=True)
-    except OSError as e:  # no weight files, unreadable files
-        raise CrossLayerError(f"cannot load the weights of {path}: {e}") from None
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:  # no weight files, unreadable or truncated files
+        raise CrossLayerError(f"cannot load the weights of {spec}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         # mismatched entries are (name, shape in the checkpoint, shape config.json implies)
@@ -150,7 +154,7 @@ def _load_source(path: Path) -> nn.Module:
         hint = ""
         if "lm_head.weight" in (info.get("missing_keys") or ()):
             hint = " (config.json says tie_word_embeddings=false but the checkpoint has no lm_head.weight)"
-        raise CrossLayerError(f"{path}: the weight files do not match config.json{hint}; {'; '.join(problems)}")
+        raise CrossLayerError(f"{spec}: the weight files do not match config.json{hint}; {'; '.join(problems)}")
     return model.eval()
 
 
@@ -179,7 +183,7 @@ def from_hf(
     else:
         raw = read_source_config(model_or_path)
         config = target_config(raw, cla_factor, cla_pattern, kv_sources)  # before the (slow) weights
-        source = _load_source(Path(model_or_path))
+        source = load_source(model_or_path)
     config._attn_implementation = source.config._attn_implementation or "sdpa"
     group_map = CLA_GROUP_MAP if raw.get("model_type") == "crosslayer" else GROUP_MAP
     state = source.state_dict()
@@ -243,24 +247,35 @@ def from_hf(
 # Folder to folder, atomically
 
 
-def convert(src: str | Path, out: str | Path, cla_factor: int, cla_pattern: str = "uniform", kv_init: str = "mean",
-            dtype: str = "auto") -> dict[str, Any]:
-    """Convert the checkpoint folder `src` into a new CLA model folder `out`; returns a summary.
+def convert(src: str | Path, out: str | Path, cla_factor: int = 1, cla_pattern: str = "uniform",
+            kv_init: str = "mean", dtype: str = "auto", gguf_file: str | None = None,
+            kv_sources: list[int] | None = None) -> dict[str, Any]:
+    """Convert the checkpoint `src` (folder, hub id or GGUF file) into a new CLA model folder `out`;
+    returns a summary.
 
     `out` must not exist (or be an empty folder): nothing is ever overwritten. The model is built in
     memory first (every check runs before anything is written), then saved to a temporary folder
-    beside `out` that is renamed to `out` at the end, or removed on any error.
+    beside `out` that is renamed to `out` at the end, or removed on any error. The tokenizer (and its
+    chat template) and the generation config come along: a folder's files byte for byte, a GGUF
+    file's or hub repository's as transformers reads them.
     """
-    src, out = Path(src), Path(out)
-    if dtype not in DTYPES:
-        raise CrossLayerError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    out = Path(out)
+    out_dtype = None if dtype == "auto" else dtype_by_name(dtype)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CrossLayerError(f"{out} already exists and is not an empty folder; choose a new one (nothing is overwritten)")
-    raw = read_source_config(src)
+    location, gguf_file = split_model_spec(src, gguf_file)
+    raw = read_source_config(location, gguf_file)
     before = target_config(raw)  # the source as a dense CLA config: its KV bytes
-    target_config(raw, cla_factor, cla_pattern)  # a bad factor or pattern fails before the (slow) weights load
-    source = _load_source(src)
-    model = from_hf(source, cla_factor=cla_factor, cla_pattern=cla_pattern, kv_init=kv_init, dtype=DTYPES[dtype])
+    target_config(raw, cla_factor, cla_pattern, kv_sources)  # a bad plan fails before the (slow) weights load
+    local = Path(location) if gguf_file is None and Path(location).is_dir() else None
+    tokenizer = None
+    if local is None:  # a GGUF file or a hub repository: transformers builds the tokenizer
+        from .runtime import load_tokenizer
+
+        tokenizer = load_tokenizer(location, gguf_file)
+    source = load_source(location, gguf_file)
+    model = from_hf(source, cla_factor=cla_factor, cla_pattern=cla_pattern, kv_init=kv_init, kv_sources=kv_sources,
+                    dtype=out_dtype)
     config = model.config
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,13 +284,17 @@ def convert(src: str | Path, out: str | Path, cla_factor: int, cla_pattern: str 
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT should look like any folder the user makes
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp)
-        copied = []
-        for name in (*TOKENIZER_FILES, "generation_config.json"):  # the source's own, byte for byte
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-                copied.append(name)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        if local is not None:
+            copied = copy_tokenizer_files(local, tmp)
+            if (local / "generation_config.json").is_file():  # the source's own, byte for byte
+                shutil.copyfile(local / "generation_config.json", tmp / "generation_config.json")
+        else:
+            copied = sorted(p.name for p in tmp.iterdir() if p.name.startswith(("tokenizer", "chat_template",
+                                                                                 "special_tokens")))
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a folder portably
         os.rename(tmp, out)
@@ -289,39 +308,5 @@ def convert(src: str | Path, out: str | Path, cla_factor: int, cla_pattern: str 
         "params_before": sum(p.numel() for p in source.parameters()),
         "params_after": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "tokenizer_files": [n for n in copied if n != "generation_config.json"],
+        "tokenizer_files": copied,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "convert", help="convert a Llama / Mistral / Qwen2 (or dense crosslayer) checkpoint into a CLA model",
-        description="Turn a pretrained checkpoint folder into a CLA model folder: each sharing group's K/V "
-        "projections are merged (mean) or taken from its first layer (first); everything else is copied. "
-        "Uptrain the result with `crosslayer train RECIPE --init OUT`.",
-    )
-    p.add_argument("src", help="source checkpoint folder (config.json + weights; tokenizer files are copied)")
-    p.add_argument("out", help="new model folder (must not exist, or be empty)")
-    p.add_argument("--cla-factor", type=int, required=True, help="layers per sharing group (1: an exact copy)")
-    p.add_argument("--cla-pattern", default="uniform", choices=CLA_PATTERNS, help="which layers produce K/V")
-    p.add_argument("--kv-init", default="mean", choices=KV_INITS,
-                   help="mean: average each group's K/V weights; first: keep the group's first layer's")
-    p.add_argument("--dtype", default="auto", choices=tuple(DTYPES), help="weights of OUT (auto: the source's)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    s = convert(args.src, args.out, args.cla_factor, args.cla_pattern, args.kv_init, args.dtype)
-    n = s["layers"]
-    print(f"source            {s['source']} ({s['architecture']}, {n} layers)")
-    print(f"K/V producers     {n} -> {len(s['producers'])} of {n} layers {s['producers']} "
-          f"(cla_factor {args.cla_factor}, {args.cla_pattern}, kv_init {s['kv_init']})")
-    print(f"KV bytes / token  {s['kv_bytes_before']:,} -> {s['kv_bytes_after']:,} (16-bit)")
-    print(f"parameters        {s['params_before'] / 1e6:,.2f}M -> {s['params_after'] / 1e6:,.2f}M ({s['dtype']})")
-    print(f"tokenizer         {', '.join(s['tokenizer_files']) or 'none in the source folder'}")
-    print(f"wrote             {s['out']}")
-    return 0

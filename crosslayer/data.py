@@ -20,10 +20,10 @@ deterministic `val_fraction` of the documents; see `prepare` for the details per
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,9 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crosslayer.errors import CrossLayerError
+from .errors import CrossLayerError
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 EOT = "<|endoftext|>"
 SPLITS = ("train", "val")
 # A training run needs at least a couple of context windows of data; anything below this is
@@ -108,7 +110,7 @@ def prepare(
 
     existing = _existing_dataset(out_dir, fingerprint)
     if existing is not None:
-        print(f"reusing prepared data in {out_dir} (same arguments)", file=sys.stderr)
+        log.info(f"reusing prepared data in {out_dir} (same arguments)")
         return existing
 
     # Everything that can fail on user input without reading the corpus happens before any file
@@ -132,7 +134,8 @@ def prepare(
 
         vocab_size = max(len(wrapper), wrapper.backend_tokenizer.get_vocab_size(with_added_tokens=True))
         dtype = token_dtype(vocab_size)
-        stats = _tokenise(corpus, staging, wrapper.eos_token_id, dtype, progress)
+        bos = document_bos(wrapper)
+        stats = _tokenise(corpus, staging, wrapper.eos_token_id, bos, dtype, progress)
         _check_sizes(stats, corpus, val_fraction)
 
         meta = {
@@ -142,6 +145,8 @@ def prepare(
             "tokenizer": tokenizer,
             "vocab_size": vocab_size,
             "eos_token_id": wrapper.eos_token_id,
+            "bos_token_id": bos,  # put before every document (None: the tokenizer adds no BOS)
+            "tokenizer_fingerprint": tokenizer_fingerprint(wrapper),
             "dtype": dtype,
             "tokenizer_files": tokenizer_files,
             "val_method": corpus.val_method,
@@ -202,6 +207,44 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def document_bos(tokenizer) -> int | None:
+    """The BOS id to put before every document: the tokenizer's, when its own encoding adds one (as
+    Llama-family tokenizers do, and what their models saw in training); None otherwise."""
+    bos = tokenizer.bos_token_id
+    if bos is None or bos == tokenizer.eos_token_id:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def tokenizer_fingerprint(tokenizer_or_folder) -> str | None:
+    """A sha256 of what makes a tokenizer: its model (vocabulary, merges) and added tokens, so two
+    tokenizers that encode alike match whatever transformers version saved them. None for a folder
+    without tokenizer files."""
+    from .runtime import TOKENIZER_FILES
+
+    tokenizer = tokenizer_or_folder
+    if isinstance(tokenizer_or_folder, (str, Path)):
+        folder = Path(tokenizer_or_folder)
+        if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+            return None
+        if (folder / "tokenizer.json").is_file():
+            raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            return _fingerprint(raw)
+        from .runtime import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise CrossLayerError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) one: no tokenizer.json")
+    return _fingerprint(json.loads(backend.to_str()))
+
+
+def _fingerprint(raw: dict) -> str:
+    added = sorted((t["id"], t["content"]) for t in raw.get("added_tokens") or [])
+    return _sha256_text(json.dumps({"model": raw.get("model"), "added": added}, sort_keys=True))
+
+
 def token_dtype(vocab_size: int) -> str:
     """The smallest on-disk dtype name that holds every id of a `vocab_size` vocabulary."""
     if vocab_size <= 1 << 16:
@@ -209,76 +252,6 @@ def token_dtype(vocab_size: int) -> str:
     if vocab_size <= 1 << 32:
         return "uint32"
     raise CrossLayerError(f"vocabulary of {vocab_size} tokens does not fit uint32 token ids")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-SOURCE_HELP = """\
-what to tokenise (default: stdlib):
-  stdlib             this Python's standard-library .py files (test suites excluded)
-  text:GLOB          plain UTF-8 text files, one document per file ('**' recurses)
-  jsonl:GLOB:FIELD   JSON lines, one document per line from the string field FIELD
-  hf:NAME[:CONFIG]   a Hugging Face dataset (hub name or local folder), field "text"
-                     (needs `pip install datasets`)"""
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `prepare` subcommand to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "prepare",
-        help="tokenise a corpus into train/val token files",
-        description="Train or load a tokenizer and write train.bin, val.bin, meta.json and the tokenizer to --out.",
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    p.add_argument("source", nargs="?", default="stdlib", metavar="SOURCE", help=SOURCE_HELP)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, empty, or an earlier prepare)")
-    p.add_argument(
-        "--tokenizer",
-        default="bpe:8192",
-        metavar="SPEC",
-        help="bpe:VOCAB trains a byte-level BPE on the train split (default bpe:8192);\n"
-        "hf:NAME_OR_PATH uses an existing tokenizer",
-    )
-    p.add_argument(
-        "--val",
-        default=None,
-        metavar="GLOB",
-        help="validation files for text/jsonl sources (jsonl: GLOB or jsonl:GLOB:FIELD);\n"
-        "a split name for hf sources; default: a fraction of the documents",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.02,
-        help="share of documents held out when --val is not given (default 0.02)",
-    )
-    p.add_argument("--max-train-docs", type=int, default=None, metavar="N", help="use only the first N train documents")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_prepare)
-
-
-def run_prepare(args: argparse.Namespace) -> int:
-    """Run `prepare` from parsed CLI arguments and print a short summary to stdout."""
-    meta = prepare(
-        args.source,
-        args.out,
-        tokenizer=args.tokenizer,
-        val=args.val,
-        val_fraction=args.val_fraction,
-        max_train_docs=args.max_train_docs,
-        progress=not args.no_progress,
-    )
-    print(f"prepared {meta['source']} -> {args.out}")
-    vocab, eos = meta["vocab_size"], meta["eos_token_id"]
-    print(f"  tokenizer {meta['tokenizer']}: vocab {vocab}, eos id {eos}, {meta['dtype']} ids")
-    for split in SPLITS:
-        s = meta["splits"][split]
-        print(
-            f"  {split:5s} {s['documents']:>9,} docs {s['tokens']:>13,} tokens {s['bytes']:>14,} bytes"
-            f"  ({s['bytes'] / s['tokens']:.2f} bytes/token)"
-        )
-    print(f"  validation: {meta['val_method']}")
-    return 0
 
 
 # ----------------------------------------------------------------------------- sources
@@ -700,18 +673,20 @@ def _load_hf_tokenizer(name: str):
 
 
 class _TokenWriter:
-    """Appends token arrays to a file, keeping counts and a running sha256."""
+    """Appends documents ([BOS] ids EOS) to a file, keeping counts and a running sha256."""
 
-    def __init__(self, path: Path, dtype: str, eos: int):
+    def __init__(self, path: Path, dtype: str, eos: int, bos: int | None = None):
         self.file = open(path, "wb")
         self.dtype = np.dtype(_DTYPES[dtype])
         self.eos = eos
+        self.bos = () if bos is None else (bos,)
         self.sha = hashlib.sha256()
         self.documents = self.tokens = self.bytes = 0
 
     def write(self, texts: list[str], ids: list[list[int]]) -> None:
-        n = sum(len(i) for i in ids) + len(ids)
-        flat = np.fromiter(chain.from_iterable(chain(i, (self.eos,)) for i in ids), dtype=self.dtype, count=n)
+        n = sum(len(i) for i in ids) + len(ids) * (1 + len(self.bos))
+        flat = np.fromiter(chain.from_iterable(chain(self.bos, i, (self.eos,)) for i in ids), dtype=self.dtype,
+                           count=n)
         data = flat.tobytes()
         self.file.write(data)
         self.sha.update(data)
@@ -723,7 +698,7 @@ class _TokenWriter:
         self.file.close()
 
 
-def _tokenise(corpus: _Corpus, staging: Path, eos: int, dtype: str, progress: bool) -> dict:
+def _tokenise(corpus: _Corpus, staging: Path, eos: int, bos: int | None, dtype: str, progress: bool) -> dict:
     """Encode every document into staging/{train,val}.bin; return per-split statistics."""
     from tokenizers import Tokenizer
     from tqdm import tqdm
@@ -731,7 +706,7 @@ def _tokenise(corpus: _Corpus, staging: Path, eos: int, dtype: str, progress: bo
     # Encode with the tokenizer.json just saved, so the files match exactly what users will load.
     encoder = Tokenizer.from_file(str(staging / "tokenizer.json"))
     encode = getattr(encoder, "encode_batch_fast", encoder.encode_batch)  # _fast skips offsets
-    writers = {split: _TokenWriter(staging / f"{split}.bin", dtype, eos) for split in SPLITS}
+    writers = {split: _TokenWriter(staging / f"{split}.bin", dtype, eos, bos) for split in SPLITS}
 
     def flush(batch: list[tuple[str, str]]) -> None:
         encodings = encode([text for _, text in batch], add_special_tokens=False)
@@ -818,7 +793,7 @@ def _existing_dataset(out_dir: Path, fingerprint: str) -> dict | None:
     ) and all((out_dir / name).is_file() for name in meta["tokenizer_files"])
     if complete:
         return meta
-    print(f"{out_dir}: token files missing or damaged; preparing them again", file=sys.stderr)
+    log.warning(f"{out_dir}: token files missing or damaged; preparing them again")
     return None
 
 

@@ -7,3 +7,7 @@ ValueError.
 
 class CrossLayerError(ValueError):
     """A user-facing error: the message names the field or file and what is allowed."""
+
+
+class TrainingDiverged(CrossLayerError):
+    """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""

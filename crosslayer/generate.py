@@ -1,24 +1,19 @@
-"""`crosslayer generate`: text from any causal LM folder or hub id, streamed to the terminal.
+"""Text from any causal LM: our fast decoding path for CLA models, transformers' `generate` for the rest.
 
-Temperature, top-k, top-p (`--temperature 0` is greedy); one prompt streamed as it is produced, or a
-file of prompts (one per line) decoded as a left-padded batch. Our models decode through the fast
-path (`crosslayer.decode`: a preallocated cache of producer layers only; `--compile` compiles the
-decode step); any other causal LM, or `--cache dynamic|static`, goes through transformers' `generate`.
-Ends with a line on stderr: tokens generated, tokens/s, and the KV-cache bytes held.
+`generate_texts` tokenises prompts as a left-padded batch, decodes (greedy or temperature / top-k /
+top-p sampling), and returns the continuations with timing and the KV-cache bytes held. Our models
+decode through `crosslayer.decode.fast_generate` (a preallocated cache of producer layers only);
+any other causal LM, or `cache="dynamic" | "static"`, goes through transformers' `generate`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .decode import fast_generate
 from .errors import CrossLayerError
-from .eval.common import load_model
 from .kv import cache_nbytes
 from .modeling import CLAForCausalLM
 
@@ -27,11 +22,12 @@ CACHES = ("auto", "fast", "dynamic", "static")
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
                    top_k: int | None = 50, top_p: float | None = 0.95, seed: int | None = None,
-                   cache: str = "auto", stream: bool = False, compile: bool = False) -> dict:
+                   cache: str = "auto", stream: bool = False, compile: bool = False, chat: bool = False) -> dict:
     """Completions of `prompts` (continuations only) with timing and the cache's bytes.
 
     cache: `fast` (our decode path; CLA models only), `dynamic` or `static` (transformers' generate),
-    `auto` (fast for our models, dynamic otherwise)."""
+    `auto` (fast for our models, dynamic otherwise). chat: each prompt becomes a user turn of the
+    tokenizer's chat template. The tokenizer is not changed (padding is done here, on the left)."""
     if not prompts or any(not p for p in prompts):
         raise CrossLayerError("give at least one non-empty prompt")
     if temperature < 0:
@@ -50,11 +46,12 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         raise CrossLayerError("--compile applies to the fast path (--cache fast, crosslayer models)")
     if seed is not None:
         torch.manual_seed(seed)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row continues from its last token
     device = next(model.parameters()).device
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise CrossLayerError("the tokenizer has neither a pad nor an EOS token to pad a batch with")
+    batch = left_padded_batch(tokenizer, prompts, pad, chat)
+    batch = {k: v.to(device) for k, v in batch.items()}
     streamer = None
     if stream:
         from transformers import TextStreamer
@@ -69,10 +66,10 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
             eos = tokenizer.eos_token_id
         out = fast_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=None if greedy else top_k, top_p=None if greedy else top_p,
-                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, generator=generator,
+                            eos_token_id=eos, pad_token_id=pad, generator=generator,
                             compile=compile, streamer=streamer)
     else:
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
                       streamer=streamer)
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
@@ -89,48 +86,21 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
             "kv_cache_bytes": cache_nbytes(out.cache) if getattr(out, "cache", None) is not None else 0}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a model, streamed", description=__doc__)
-    p.add_argument("model", help="model folder or hub id")
-    p.add_argument("--prompt", default=None, help="one prompt (streamed)")
-    p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line, decoded as one batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cache", default="auto",
-                   help="fast: our preallocated producer-only cache (crosslayer models); dynamic / static: "
-                        "transformers' generate (producers only too); auto: fast where it applies")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's decode step")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--no-stream", action="store_true", help="print the completion at the end")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if (args.prompt is None) == (args.prompts_file is None):
-        raise CrossLayerError("give exactly one of --prompt or --prompts-file")
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise CrossLayerError(f"prompts file not found: {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def left_padded_batch(tokenizer, prompts: list[str], pad_id: int, chat: bool = False) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (B, T) of prompts padded on the left (decoder-only models continue
+    each row from its last token); special tokens as the tokenizer adds them, or the chat template's."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CrossLayerError("--chat: this tokenizer has no chat template")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in prompts]
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     else:
-        prompts = [args.prompt]
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    stream = len(prompts) == 1 and not args.no_stream
-    if stream:
-        print(prompts[0], end="", flush=True)
-    result = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
-                            args.top_p, args.seed, args.cache, stream=stream, compile=args.compile)
-    if not stream:
-        for prompt, text in zip(prompts, result["texts"], strict=True):
-            print(prompt + text)
-            if len(prompts) > 1:
-                print("-" * 40)
-    print(f"[{result['new_tokens']} tokens in {result['seconds']:.2f} s, "
-          f"{result['new_tokens'] / max(result['seconds'], 1e-9):.1f} tokens/s; {result['cache']} KV cache "
-          f"{result['kv_cache_bytes']:,} bytes]", file=sys.stderr)
-    return 0
+        rows = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}

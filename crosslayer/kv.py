@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from typing import Any
 
 import torch
 
-from .config import PRESETS, CLAConfig, load_config
+from .config import CLAConfig
 from .errors import CrossLayerError
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
@@ -79,74 +77,9 @@ def plan(
     return out
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
         n /= 1024
     return str(n)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: crosslayer kv
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "kv", help="KV-cache bytes per token, per sequence, and sequences that fit a memory budget",
-        description="KV-cache arithmetic for a preset, a model folder, or a config file (JSON/YAML). "
-        "A transformers Llama config is read as its dense twin; --cla-factor shows what CLA does to it.",
-    )
-    p.add_argument("model", nargs="?", help="preset name, model folder, or config file")
-    p.add_argument("--list-presets", action="store_true", help="list named presets with their KV bytes")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max)")
-    p.add_argument("--memory", default=None, help="memory budget, e.g. 80GiB; weights are subtracted")
-    p.add_argument("--kv-dtype", default="bf16", help="cache element type: fp32, bf16, fp16, fp8 (default bf16)")
-    p.add_argument("--weight-dtype", default="bf16", help="weight element type (default bf16)")
-    p.add_argument("--cla-factor", type=int, default=None, help="override: share K/V across this many layers")
-    p.add_argument("--cla-pattern", default=None, help="override: uniform, keep_ends, dense_front, dense_back")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_kv)
-
-
-def run_kv(args: argparse.Namespace) -> int:
-    if args.list_presets:
-        rows = [(n, CLAConfig.from_preset(n)) for n in PRESETS]
-        if args.json:
-            print(json.dumps({n: {"kv_bytes_per_token": c.kv_bytes_per_token(), "parameters": c.num_parameters()}
-                              for n, c in rows}))
-            return 0
-        print(f"{'preset':32s} {'KV bytes/token':>14s} {'params':>10s}  producers")
-        for n, c in rows:
-            print(f"{n:32s} {c.kv_bytes_per_token():>14,} {c.num_parameters() / 1e6:>9.1f}M"
-                  f"  {c.num_producer_layers}/{c.num_hidden_layers}")
-        print("(KV bytes at 16 bits, as in the paper. Any <scale>-H<hd>-<MHA|GQA<n>|MQA>[-CLA<f>][-Pattern] "
-              "name also works.)")
-        return 0
-    if not args.model:
-        raise CrossLayerError("give a preset name, model folder or config file (or --list-presets)")
-    overrides = {}
-    if args.cla_factor is not None:
-        overrides.update(cla_factor=args.cla_factor, kv_sources=None)
-    if args.cla_pattern is not None:
-        overrides.update(cla_pattern=args.cla_pattern, kv_sources=None)
-    config = load_config(args.model, **overrides)
-    seq_len = args.seq_len or config.max_position_embeddings
-    memory = parse_bytes(args.memory) if args.memory else None
-    r = plan(config, seq_len, memory, args.kv_dtype, args.weight_dtype)
-    r["model"] = args.model
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    print(f"model              {args.model}")
-    print(f"attention          {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, "
-          f"head_dim {config.head_dim}")
-    print(f"K/V producers      {config.num_producer_layers} of {config.num_hidden_layers} layers "
-          f"(cla_factor {config.cla_factor}, {config.cla_pattern})")
-    print(f"parameters         {r['parameters'] / 1e6:,.1f}M ({_human(r['weight_bytes'])} at {args.weight_dtype})")
-    print(f"KV bytes / token   {r['kv_bytes_per_token']:,} ({args.kv_dtype})")
-    print(f"KV / sequence      {_human(r['kv_bytes_per_sequence'])} at {seq_len:,} tokens")
-    if memory is not None:
-        print(f"memory budget      {_human(memory)}: {r['max_sequences']:,} sequences of {seq_len:,} tokens "
-              f"({r['max_tokens']:,} tokens) beside the weights")
-    return 0

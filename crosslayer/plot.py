@@ -8,12 +8,10 @@ other config beats on both KV bytes per token and perplexity.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +93,10 @@ def aggregate(rows: list[dict[str, Any]], metric: str = "final_val_ppl") -> list
             curve.append({"lr": lr, "mean": mean, "std": statistics.stdev(ok) if len(ok) > 1 else 0.0,
                           "min": min(ok) if ok else math.inf, "max": max(ok) if ok else math.inf,
                           "n": len(values), "seeds": sorted(r.get("seed") for r in runs), "runs": runs})
-        # choose the LR on the seeds every LR has (the LR sweep's), as the paper tuned on one run
-        # per LR; seeds added later at the chosen LR then only sharpen its mean
-        common = set.intersection(*(set(c["seeds"]) for c in curve))
-        scores = []
+        scores = lr_scores([r for point in curve for r in point["runs"]], metric)
         for point in curve:
-            vals = [r.get(metric) for r in point["runs"] if r.get("seed") in common] or [point["mean"]]
-            scores.append(statistics.fmean(vals) if all(_finite(v) for v in vals) else math.inf)
-            point["sweep"] = scores[-1]  # the mean over the seeds every LR has: what the LR is chosen on
-        best = curve[scores.index(min(scores))]
+            point["sweep"] = scores[point["lr"]]  # the mean over the seeds every LR has: what the LR is chosen on
+        best = curve[[p["lr"] for p in curve].index(best_lr_of(scores) or curve[0]["lr"])]
         extra = {}
         for key in ("wikitext_ppl", "wikitext_bits_per_byte"):
             vals = [r.get(key) for r in best["runs"] if _finite(r.get(key))]
@@ -115,6 +108,28 @@ def aggregate(rows: list[dict[str, Any]], metric: str = "final_val_ppl") -> list
     for i, p in enumerate(out):
         p["pareto"] = i in flags
     return out
+
+
+def lr_scores(runs: list[dict[str, Any]], metric: str = "final_val_ppl") -> dict[float, float]:
+    """Per learning rate, the mean `metric` over the seeds every LR has (the LR sweep's seeds).
+
+    The paper tuned on one run per LR; seeds added later at the chosen LR then only sharpen its mean
+    and cannot move the choice. A diverged or missing seed makes its LR's score infinite."""
+    by_lr: dict[float, dict[Any, Any]] = {}
+    for r in runs:
+        by_lr.setdefault(float(r["lr"]), {})[r.get("seed")] = r.get(metric)
+    common = set.intersection(*(set(seeds) for seeds in by_lr.values())) if by_lr else set()
+    scores = {}
+    for lr, seeds in by_lr.items():
+        vals = [v for s, v in seeds.items() if s in common] or list(seeds.values())
+        scores[lr] = statistics.fmean(vals) if all(_finite(v) for v in vals) else math.inf
+    return scores
+
+
+def best_lr_of(scores: dict[float, float]) -> float | None:
+    """The learning rate with the lowest finite score; None when every LR diverged."""
+    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
+    return min(finite, key=finite.get) if finite else None
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -244,23 +259,3 @@ def plot_results(results: str | Path, out: str | Path | None = None, metric: str
     plot_lr_curves(points, paths["lr_curves"], ylabel=label)
     paths["table"].write_text(f"Metric: {label}; {len(rows)} runs.\n\n" + markdown_table(points) + "\n")
     return paths
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plot", help="Pareto plot (KV bytes vs perplexity), LR curves, table of a sweep",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="results.jsonl / results.csv of `crosslayer sweep`, or its folder")
-    p.add_argument("--out", default=None, help="folder for pareto.png, lr_curves.png, table.md (default: beside RESULTS)")
-    p.add_argument("--metric", default="final_val_ppl", choices=METRICS, help="what the y axis shows")
-    p.set_defaults(func=run_plot)
-
-
-def run_plot(args: argparse.Namespace) -> int:
-    paths = plot_results(args.results, args.out, args.metric)
-    print(paths["table"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return 0

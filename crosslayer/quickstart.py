@@ -1,4 +1,4 @@
-"""`crosslayer quickstart`: the paper's three-way comparison, offline, in minutes on a CPU.
+"""The quickstart: the paper's three-way comparison, offline, in minutes on a CPU.
 
 Prepares the built-in `stdlib` corpus (this Python's standard library), trains a tiny MQA model,
 its CLA2 twin (half the KV cache) and the MQA model with half the head dimension (the other way to
@@ -9,7 +9,6 @@ against validation perplexity with the Pareto frontier (out/pareto.png).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -50,36 +49,3 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 120, seq_len: i
     plot_pareto(points, out / "pareto.png", title=f"quickstart: {rows[0]['tokens']:,} tokens each, one seed")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':20s} {'KV bytes/token':>14s} {'params':>9s} {'val ppl':>9s} {'train s':>8s}"]
-    for r in rows:
-        lines.append(f"{r['model']:20s} {r['kv_bytes_per_token']:>14,} {r['parameters'] / 1e6:>8.2f}M "
-                     f"{r['val_ppl']:>9.2f} {r['seconds']:>8.1f}")
-    return "\n".join(lines)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "quickstart", help="train MQA, MQA-CLA2 and half-head-dim MQA on the built-in corpus and compare",
-        description=__doc__,
-    )
-    p.add_argument("--out", default="runs/quickstart", help="folder for data, runs and results.json")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per model (default 120)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_quickstart)
-
-
-def run_quickstart(args: argparse.Namespace) -> int:
-    rows = quickstart(args.out, args.steps, args.seq_len, args.batch_tokens, progress=not args.no_progress)
-    print()
-    print(format_table(rows))
-    print(f"\nSame tokens for each ({rows[0]['tokens']:,}). CLA2 and half head_dim both halve the KV cache; "
-          f"the paper finds CLA2 loses less perplexity. Results: {Path(args.out) / 'results.json'}")
-    front = ", ".join(r["model"] for r in rows if r["pareto"])
-    print(f"Pareto frontier (no other model has fewer KV bytes and lower perplexity): {front}; "
-          f"plot: {Path(args.out) / 'pareto.png'}")
-    return 0

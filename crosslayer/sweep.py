@@ -24,17 +24,14 @@ records, in grid order, one row per run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import fcntl
 import fnmatch
 import json
-import math
+import logging
 import os
 import shlex
-import statistics
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,8 +43,12 @@ import yaml
 from .checkpoint import list_checkpoints
 from .config import load_config
 from .data import read_meta
-from .errors import CrossLayerError
-from .train import TrainConfig, build_model_config, train
+from .errors import CrossLayerError, TrainingDiverged
+from .plot import best_lr_of, lr_scores
+from .recipe import read_yaml
+from .train import TrainConfig, build_model_config, diverged_marker, train
+
+log = logging.getLogger(__name__)
 
 SWEEP_KEYS = ("data", "out", "models", "model_defaults", "lrs", "seeds", "best_lr_seeds", "train", "wikitext",
               "launcher")
@@ -104,14 +105,7 @@ def _number_list(where: str, value: Any, kind: type) -> list:
 def load_sweep(path: str | Path, out: str | None = None, check_data: bool = True) -> Sweep:
     """Read and check a sweep YAML; every model config and the training keys are validated up front."""
     path = Path(path)
-    if not path.exists():
-        raise CrossLayerError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CrossLayerError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise CrossLayerError(f"{path} must hold a mapping with keys {', '.join(SWEEP_KEYS)}")
+    raw = read_yaml(path, "sweep file")
     unknown = set(raw) - set(SWEEP_KEYS)
     if unknown:
         raise CrossLayerError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(SWEEP_KEYS)}")
@@ -207,19 +201,9 @@ def _record_path(sweep: Sweep, name: str) -> Path:
     return Path(sweep.out) / "runs" / name / "record.json"
 
 
-def _read_record(sweep: Sweep, name: str) -> dict | None:
+def read_record(sweep: Sweep, name: str) -> dict | None:
     path = _record_path(sweep, name)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def best_lr(records: list[dict]) -> float | None:
-    """The LR with the lowest mean final validation perplexity over its seeds (a diverged seed rules it out)."""
-    by_lr: dict[float, list[float]] = {}
-    for r in records:
-        by_lr.setdefault(r["lr"], []).append(r["final_val_ppl"] if r["final_val_ppl"] is not None else math.inf)
-    scores = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
-    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
-    return min(finite, key=finite.get) if finite else None
 
 
 def plan(sweep: Sweep) -> list[tuple[ModelSpec, float | None, int]]:
@@ -232,8 +216,8 @@ def plan(sweep: Sweep) -> list[tuple[ModelSpec, float | None, int]]:
         runs += base
         extra = [s for s in m.best_lr_seeds if s not in m.seeds]
         if extra:
-            records = [_read_record(sweep, run_name(m.name, lr, seed)) for _, lr, seed in base]
-            lr = best_lr(records) if all(records) else None
+            records = [read_record(sweep, run_name(m.name, lr, seed)) for _, lr, seed in base]
+            lr = best_lr_of(lr_scores(records)) if all(records) else None
             runs += [(m, lr, seed) for seed in extra]
     return runs
 
@@ -274,11 +258,9 @@ def _wikitext_file(sweep: Sweep) -> Path | None:
 def _train_in_process(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
-    except CrossLayerError as e:
-        if "diverged" in str(e):
-            print(f"  {e}", file=sys.stderr)
-            return {"diverged": True}
-        raise
+    except TrainingDiverged as e:
+        log.warning(f"  {e}")
+        return {"diverged": True}
 
 
 def _train_launched(cfg: TrainConfig, launcher: str, run_dir: Path) -> dict:
@@ -287,18 +269,22 @@ def _train_launched(cfg: TrainConfig, launcher: str, run_dir: Path) -> dict:
     recipe.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cmd = [*shlex.split(launcher), "-m", "crosslayer", "train", str(recipe)]
     proc = subprocess.run(cmd)
+    if proc.returncode != 0 and diverged_marker(run_dir).exists():  # the trainer's own record of a divergence
+        log.warning(f"  {run_dir.name} diverged: {diverged_marker(run_dir).read_text().strip()}")
+        return {"diverged": True}
     if proc.returncode != 0:
         raise CrossLayerError(f"{' '.join(cmd)} exited with {proc.returncode}; fix it and run the sweep again "
                               "(finished runs are kept)")
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path | None) -> dict:
+def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path | None,
+            progress: bool = True) -> dict:
     """Train (or resume) one run, evaluate it, and write its record.json."""
     name = run_name(model.name, lr, seed)
     run_dir = Path(sweep.out) / "runs" / name
     cfg = TrainConfig.from_dict({**sweep.train, "model": model.spec, "data": sweep.data, "out": str(run_dir),
-                                 "lr": lr, "seed": seed})
+                                 "lr": lr, "seed": seed, **({} if progress else {"progress": False})})
     existing = list_checkpoints(run_dir) if run_dir.exists() else []
     resumed = int(existing[-1].name.split("_")[-1]) if existing else 0
     start = time.perf_counter()
@@ -320,8 +306,8 @@ def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path
         "wikitext_ppl": None, "wikitext_bits_per_byte": None, "diverged": diverged,
     }
     if wikitext is not None and not diverged:
-        from .eval.common import load_model
         from .eval.perplexity import perplexity
+        from .runtime import load_model
 
         lm, tok = load_model(run_dir, "auto", "auto")
         if record["parameters"] is None:
@@ -347,7 +333,7 @@ def write_results(sweep: Sweep) -> list[dict]:
     for model, lr, seed in plan(sweep):
         if lr is None:
             continue
-        record = _read_record(sweep, run_name(model.name, lr, seed))
+        record = read_record(sweep, run_name(model.name, lr, seed))
         if record:
             rows.append(record)
     out = Path(sweep.out)
@@ -364,13 +350,13 @@ def write_results(sweep: Sweep) -> list[dict]:
     return rows
 
 
-def run_sweep(sweep: Sweep, only: list[str] = (), lock: str | None = None) -> list[dict]:
+def run_sweep(sweep: Sweep, only: list[str] = (), lock: str | None = None, progress: bool = True) -> list[dict]:
     """Run every unfinished run of the grid (those matching `only`, if given); returns all records."""
     Path(sweep.out).mkdir(parents=True, exist_ok=True)
     wikitext = _wikitext_file(sweep)
     done_here, t0 = 0, time.perf_counter()
     while True:  # re-plan after every run: best-LR seeds become known as the LR runs finish
-        planned = [(m, lr, s, lr is not None and _read_record(sweep, run_name(m.name, lr, s)) is not None)
+        planned = [(m, lr, s, lr is not None and read_record(sweep, run_name(m.name, lr, s)) is not None)
                    for m, lr, s in plan(sweep)]
         todo = [(m, lr, s) for m, lr, s, done in planned
                 if lr is not None and not done
@@ -382,53 +368,17 @@ def run_sweep(sweep: Sweep, only: list[str] = (), lock: str | None = None) -> li
         eta = ""
         if done_here:
             eta = f", ~{(time.perf_counter() - t0) / done_here * len(todo) / 60:.0f} min left"
-        print(f"[sweep {finished + 1}/{total}{eta}] {run_name(model.name, lr, seed)}", file=sys.stderr, flush=True)
+        log.info(f"[sweep {finished + 1}/{total}{eta}] {run_name(model.name, lr, seed)}")
         with locked(lock):
-            record = run_one(sweep, model, lr, seed, wikitext)
+            record = run_one(sweep, model, lr, seed, wikitext, progress)
         write_results(sweep)
         done_here += 1
         ppl = record["final_val_ppl"]
-        print(f"[sweep] {record['run']}: val ppl {ppl:.2f}" if ppl is not None else f"[sweep] {record['run']}: diverged",
-              file=sys.stderr, flush=True)
+        log.info(f"[sweep] {record['run']}: val ppl {ppl:.2f}" if ppl is not None else f"[sweep] {record['run']}: diverged")
     rows = write_results(sweep)
     waiting = [f"{m.name}_lr?_s{s}" for m, lr, s in plan(sweep) if lr is None]
-    print(f"[sweep] {len(rows)} of {len(plan(sweep))} runs finished ({done_here} this time, "
-          f"{(time.perf_counter() - t0) / 60:.1f} min); results in {Path(sweep.out) / 'results.csv'}", file=sys.stderr)
+    log.info(f"[sweep] {len(rows)} of {len(plan(sweep))} runs finished ({done_here} this time, "
+             f"{(time.perf_counter() - t0) / 60:.1f} min); results in {Path(sweep.out) / 'results.csv'}")
     if waiting:
-        print(f"[sweep] waiting for their LR runs: {', '.join(waiting)}", file=sys.stderr)
+        log.info(f"[sweep] waiting for their LR runs: {', '.join(waiting)}")
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sweep", help="run a grid of configs x learning rates x seeds, resumably",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", help="sweep YAML (see configs/sweep-tiny.yaml)")
-    p.add_argument("--out", default=None, help="sweep folder (overrides the YAML's out)")
-    p.add_argument("--only", action="append", default=[], metavar="GLOB",
-                   help="run only runs whose name (CONFIG_lrLR_sSEED) matches; repeatable")
-    p.add_argument("--lock", default=None, metavar="FILE",
-                   help="hold an exclusive flock on FILE during each run (and release it between runs)")
-    p.add_argument("--list", action="store_true", help="print the planned runs and whether each is done, then exit")
-    p.add_argument("--plot", action="store_true", help="when done, also write the plots and table (crosslayer plot)")
-    p.set_defaults(func=run_sweep_cli)
-
-
-def run_sweep_cli(args: argparse.Namespace) -> int:
-    sweep = load_sweep(args.sweep, args.out)
-    if args.list:
-        for m, lr, seed in plan(sweep):
-            name = run_name(m.name, lr, seed) if lr is not None else f"{m.name}_lr?_s{seed} (best LR, not known yet)"
-            status = "done" if lr is not None and _read_record(sweep, name) else "todo"
-            print(f"{status}  {name}")
-        return 0
-    rows = run_sweep(sweep, args.only, args.lock)
-    if args.plot and rows:
-        from .plot import plot_results
-
-        paths = plot_results(Path(sweep.out) / "results.jsonl")
-        print(paths["table"].read_text())
-    return 0

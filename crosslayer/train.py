@@ -12,13 +12,12 @@ processes see exactly the sequences one process would.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,8 +33,13 @@ import yaml
 from . import checkpoint as ckpt
 from .config import CLAConfig, load_config
 from .data import load_tokens, read_meta
-from .errors import CrossLayerError
+from .errors import CrossLayerError, TrainingDiverged
 from .modeling import CLADecoderLayer, CLAForCausalLM
+from .recipe import apply_sets, read_yaml, settings_from
+from .recover import build_objective, select_trainable
+from .runtime import copy_tokenizer_files, quiet_transformers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,21 +75,20 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     tensorboard: bool = False  # also log to out/tensorboard
     progress: bool = True  # progress bar on stderr
+    # recovering a converted model (crosslayer.recover): what trains, and against what
+    trainable: str = "all"  # all, or a subset such as kv (what conversion changed); see recover.TRAINABLE
+    objective: str = "lm"  # lm: next-token loss; a distillation objective needs `teacher`; see recover.OBJECTIVES
+    teacher: str | None = None  # the original model (folder, hub id, .gguf) that distillation imitates
+    distill_temperature: float = 1.0  # softmax temperature of logit distillation
 
     # keys that must match when a run folder is resumed (the others may change between launches)
     RESUME_KEYS = ("model", "data", "init", "seq_len", "batch_tokens", "max_steps", "tokens", "lr", "min_lr_ratio",
-                   "warmup_frac", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "seed")
+                   "warmup_frac", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "seed", "trainable",
+                   "objective", "teacher", "distill_temperature")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(raw) - set(names)
-        if unknown:
-            raise CrossLayerError(f"unknown training key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(names)}")
-        values = {}
-        for key, value in raw.items():
-            values[key] = _coerce(key, value, names[key].type, names[key].default)
-        cfg = cls(**values)
+        cfg = settings_from(cls, raw, "training")
         cfg.validate()
         return cfg
 
@@ -113,6 +116,17 @@ class TrainConfig:
             raise CrossLayerError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.keep_checkpoints < 1:
             raise CrossLayerError("keep_checkpoints must be >= 1")
+        from .recover import OBJECTIVES, TRAINABLE
+
+        if self.trainable not in TRAINABLE:
+            raise CrossLayerError(f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}")
+        if self.objective not in OBJECTIVES:
+            raise CrossLayerError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if (self.objective != "lm") != (self.teacher is not None):
+            raise CrossLayerError(f"objective {self.objective!r} " + ("needs a teacher (the original model)"
+                                  if self.teacher is None else "takes no teacher; use a distillation objective"))
+        if not self.distill_temperature > 0:
+            raise CrossLayerError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
     @property
     def total_steps(self) -> int:
@@ -125,62 +139,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(key: str, value: Any, type_name: Any, default: Any) -> Any:
-    """Check a YAML / --set value against the field's type; ints may be written 1e6 or 16_384."""
-    if key == "model" or value is None:
-        return value
-    kinds = str(type_name)
-    try:
-        if "bool" in kinds:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if "int" in kinds:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if "float" in kinds:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if "str" in kinds:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise CrossLayerError(f"{key}: expected {kinds.replace(' | None', '')}, got {value!r}") from None
-    return value
-
-
 def load_train_config(path: str | Path | None, sets: list[str] = (), **overrides: Any) -> TrainConfig:
-    """A YAML recipe plus `key=value` overrides (values parsed as YAML)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise CrossLayerError(f"training config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CrossLayerError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise CrossLayerError(f"{path} must hold a mapping of training keys")
-    for item in sets:
-        if "=" not in item:
-            raise CrossLayerError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value) if value else None
-        if key.startswith("model."):  # --set model.hidden_size=256
-            model = raw.get("model")
-            raw["model"] = {"preset": model} if isinstance(model, str) else dict(model or {})
-            raw["model"][key[len("model."):]] = parsed
-        else:
-            raw[key] = parsed
+    """A YAML recipe plus `key=value` overrides (values parsed as YAML) and keyword overrides (None: unset)."""
+    raw = read_yaml(path, "training recipe") if path is not None else {}
+    raw = apply_sets(raw, sets)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("init"):  # --init replaces the recipe's architecture with the saved model's
         raw.pop("model", None)
@@ -328,19 +290,20 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         if cfg.init:
-            model = CLAForCausalLM.from_pretrained(cfg.init, attn_implementation=cfg.attn_implementation,
-                                                   dtype=torch.float32)
-            if model.config.vocab_size < self.meta["vocab_size"]:
-                raise CrossLayerError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than the "
-                                      f"dataset's ({self.meta['vocab_size']}): was it prepared with its tokenizer?")
+            model = load_init_model(cfg.init, cfg.data, self.meta, cfg.attn_implementation)
             self.model_config = model.config
         else:
             self.model_config = build_model_config(cfg, self.meta)
             model = CLAForCausalLM(self.model_config)
+        select_trainable(model, cfg.trainable)
         if cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
         self.raw_model = model.to(self.device).train()
+        self.teacher = None
+        if cfg.teacher:
+            self.teacher = load_teacher(cfg.teacher, self.model_config, self.device)
         self.model = self._wrap(self.raw_model)
+        self.objective = build_objective(cfg.objective, self.teacher, cfg) if cfg.objective != "lm" else None
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
@@ -377,7 +340,7 @@ class Trainer:
             batch = self.order.batch(range(first + k * self.micro, first + (k + 1) * self.micro)).to(self.device)
             last = k == self.accum - 1
             with self._no_sync(last), self.autocast:
-                loss = causal_lm_loss(self.model, batch)
+                loss = self.loss(batch)
             (loss / self.accum).backward()
             loss_sum += loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -399,53 +362,95 @@ class Trainer:
             self.model.set_requires_gradient_sync(last)
         return nullcontext()
 
-    # -- state -------------------------------------------------------------------------------
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The training objective on a (B, T+1) batch: next-token loss, or the recipe's distillation."""
+        if self.objective is None:
+            return causal_lm_loss(self.model, batch)
+        return self.objective(self.model, batch)
 
-    def full_state(self) -> tuple[dict, dict]:
-        """Unsharded model and optimizer state keyed by parameter name (on every rank)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
+    # -- files -------------------------------------------------------------------------------
+
+    def write_model_files(self, folder: Path) -> None:
+        """What makes a folder a model folder beside its weights: config, generation config, tokenizer."""
+        self.model_config.save_pretrained(folder)
+        source = Path(self.cfg.init) if self.cfg.init else Path(self.cfg.data)
+        if not copy_tokenizer_files(source, folder):  # an init model's own, chat template included; else the data's
+            copy_tokenizer_files(Path(self.cfg.data), folder)
+        if self.cfg.init and (Path(self.cfg.init) / "generation_config.json").is_file():
+            shutil.copyfile(Path(self.cfg.init) / "generation_config.json", folder / "generation_config.json")
+
+    def save_checkpoint(self, out: Path, step: int) -> Path:
+        """A sharded checkpoint of this step (every process takes part)."""
+        return ckpt.save_checkpoint(out, step, self.raw_model, self.optimizer,
+                                    {"train_config": self.cfg.to_dict(), "world_size": self.world},
+                                    self.write_model_files, keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        ckpt.set_rng_state(state["rng"])
+        self.step_idx = int(state["step"])
+
+
+def load_init_model(init: str, data: str, meta: dict, attn_implementation: str) -> CLAForCausalLM:
+    """The model `--init` names, after checking it is a crosslayer model of the dataset's tokenizer."""
+    from .convert import read_source_config
+    from .data import tokenizer_fingerprint
+
+    folder = Path(init)
+    if not folder.is_dir():
+        raise CrossLayerError(f"init: model folder not found: {init}")
+    raw = read_source_config(folder)
+    if raw.get("model_type") != "crosslayer":
+        raise CrossLayerError(
+            f"init: {init} is a {raw.get('model_type')!r} model, not a crosslayer one; convert it first "
+            f"(`crosslayer convert {init} --out DIR --cla-factor N`, factor 1 for an exact copy) and --init DIR"
         )
-
-        opts = StateDictOptions(full_state_dict=True)
-        model_sd = get_model_state_dict(self.model, options=opts)
-        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        to_cpu = lambda t: t.full_tensor().cpu() if hasattr(t, "full_tensor") else t.cpu()  # noqa: E731
-        model_sd = {k: to_cpu(v) for k, v in model_sd.items()}
-        optim_sd = torch.utils._pytree.tree_map(lambda t: to_cpu(t) if isinstance(t, torch.Tensor) else t, optim_sd)
-        if self.model_config.tie_word_embeddings:
-            model_sd.pop("lm_head.weight", None)
-        return model_sd, optim_sd
-
-    def load_state(self, model_sd: dict, optim_sd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
+    theirs = tokenizer_fingerprint(folder)
+    if theirs is None:
+        raise CrossLayerError(f"init: {init} has no tokenizer files, so the data cannot be checked against it; save "
+                              "the model's tokenizer beside it")
+    if theirs != meta.get("tokenizer_fingerprint"):
+        raise CrossLayerError(
+            f"data: {data} was not tokenised with the tokenizer of {init} (prepared with {meta.get('tokenizer')!r}); "
+            f"prepare it with `crosslayer prepare SOURCE --tokenizer hf:{init} --out DIR`"
         )
+    try:
+        with quiet_transformers():
+            model, info = CLAForCausalLM.from_pretrained(init, attn_implementation=attn_implementation,
+                                                         dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CrossLayerError(f"init: cannot load the weights of {init}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    missing = [k for k in info.get("missing_keys") or [] if not (model.config.tie_word_embeddings and "lm_head" in k)]
+    if missing or info.get("unexpected_keys") or info.get("mismatched_keys"):
+        raise CrossLayerError(f"init: the weights of {init} do not match its config.json (missing {missing[:3]}, "
+                              f"unexpected {list(info.get('unexpected_keys') or [])[:3]})")
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise CrossLayerError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                              f"dataset's ({meta['vocab_size']})")
+    return model
 
-        opts = StateDictOptions(full_state_dict=True, strict=not self.model_config.tie_word_embeddings)
-        set_model_state_dict(self.model, model_sd, options=opts)
-        set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
-    def save_model(self, out: Path, model_sd: dict) -> None:
-        """The run's output: a folder `from_pretrained` loads, with the dataset's tokenizer."""
-        model = CLAForCausalLM(self.model_config)
-        model.load_state_dict(model_sd, strict=not self.model_config.tie_word_embeddings)
-        if self.model_config.tie_word_embeddings:
-            model.tie_weights()
-        model.save_pretrained(out)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = Path(self.cfg.data) / name
-            if src.exists():
-                shutil.copyfile(src, out / name)
+def load_teacher(spec: str, student: CLAConfig, device: torch.device) -> torch.nn.Module:
+    """The frozen original model a distillation objective imitates; it must share the student's vocabulary."""
+    from .runtime import load_model
+
+    teacher, _ = load_model(spec, device, "fp32", tokenizer=False)
+    if teacher.config.vocab_size != student.vocab_size:
+        raise CrossLayerError(f"teacher: {spec} has a vocabulary of {teacher.config.vocab_size}, the model trained "
+                              f"has {student.vocab_size}: distillation needs the same tokens")
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _barrier(trainer: Trainer) -> None:
     if trainer.distributed:
         dist.barrier()
+
+
+def diverged_marker(out: Path) -> Path:
+    """The file a run writes when its loss diverges (so a launcher can tell divergence from a crash)."""
+    return Path(out) / "diverged.json"
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -459,13 +464,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
         (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _barrier(trainer)  # the folder exists (rank 0 made it) before anyone reads or writes in it
     existing = ckpt.list_checkpoints(out)
     if existing:
-        model_sd, optim_sd, state = ckpt.load_checkpoint(existing[-1])
-        trainer.load_state(model_sd, optim_sd)
-        ckpt.set_rng_state(state["rng"])
-        trainer.step_idx = int(state["step"])
-        _log(rank0, f"resuming {out} from step {trainer.step_idx} ({existing[-1].name})")
+        trainer.resume(existing[-1])
+        _log(rank0, f"resuming {out} from step {trainer.step_idx} ({existing[-1].name}, written by "
+                    f"{torch.load(existing[-1] / ckpt.TRAINER, weights_only=True)['world_size']} process(es))")
+    if rank0:
+        diverged_marker(out).unlink(missing_ok=True)
     metrics_path = out / "metrics.jsonl"
     if rank0:
         _truncate_metrics(metrics_path, trainer.step_idx)
@@ -494,11 +500,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if bar:
                 bar.close()
             good = ckpt.list_checkpoints(out)
-            raise CrossLayerError(
-                f"loss is {result['loss']} at step {step}: training diverged. The last good checkpoint "
-                f"{'is ' + str(good[-1]) if good else 'does not exist (none was written yet)'}; lower lr "
-                f"(now {cfg.lr}) or raise warmup_frac and start again"
-            )
+            message = (f"loss is {result['loss']} at step {step}: training diverged. The last good checkpoint "
+                       f"{'is ' + str(good[-1]) if good else 'does not exist (none was written yet)'}; lower lr "
+                       f"(now {cfg.lr}) or raise warmup_frac and start again")
+            if rank0:
+                diverged_marker(out).write_text(json.dumps({"step": step, "loss": result["loss"], "message": message}))
+            raise TrainingDiverged(message)
         now = time.perf_counter()
         record = {"step": step, "tokens": step * cfg.batch_tokens, **result}
         if step % cfg.log_every == 0 or step == total:
@@ -525,13 +532,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 tb.add_scalar("val/loss", ev["val_loss"], step)
                 tb.add_scalar("val/ppl", ev["val_ppl"], step)
         if step % cfg.checkpoint_every == 0 or step == total:
-            model_sd, optim_sd = trainer.full_state()
-            if rank0:
-                ckpt.save_checkpoint(out, step, model_sd, optim_sd,
-                                     {"train_config": cfg.to_dict(), "world_size": trainer.world},
-                                     keep=cfg.keep_checkpoints)
-                if step == total:
-                    trainer.save_model(out, model_sd)
+            saved = trainer.save_checkpoint(out, step)
+            if step == total and rank0:  # the run's output: the final weights, consolidated from the shards
+                with quiet_transformers():
+                    ckpt.load_step_checkpoint_model(saved).save_pretrained(out)
+                trainer.write_model_files(out)
             _barrier(trainer)
     if bar:
         bar.close()
@@ -589,35 +594,4 @@ def _tensorboard(out: Path):
 
 def _log(rank0: bool, message: str) -> None:
     if rank0:
-        print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a CLA model from a YAML recipe (python or torchrun)",
-        description="Train (or resume, or uptrain with --init) a CLA model. Run the same command under "
-        "`torchrun --nproc_per_node N` for DDP or FSDP2 (parallel: fsdp).",
-    )
-    p.add_argument("config", help="YAML recipe (see configs/)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key (repeatable); model.FIELD=VALUE overrides a model field")
-    p.add_argument("--init", default=None, help="start from the weights of this saved model folder")
-    p.add_argument("--out", default=None, help="run folder (overrides the recipe's out)")
-    p.set_defaults(func=run_train)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {"out": args.out}
-    if args.init:
-        overrides["init"] = args.init
-    cfg = load_train_config(args.config, args.sets, **overrides)
-    try:
-        train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        log.info(message)

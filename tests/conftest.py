@@ -38,6 +38,13 @@ def tiny_config(**overrides):
     return CLAConfig(**fields)
 
 
+def last_json(stdout: str) -> dict:
+    """The JSON object a command prints last (the --json convention)."""
+    import json
+
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_cli(*args: str, env=None):
     import subprocess
 

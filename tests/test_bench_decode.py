@@ -30,7 +30,7 @@ def test_roofline_bytes_and_bandwidth():
 def test_cli_table_ratios_and_json(tmp_path, capsys):
     code = main(["bench", "decode", "--preset", "tiny-H32-MQA-CLA2", "--batch-sizes", "1,2", "--prompt-len", "8",
                  "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--modes", "eager",
-                 "--json-out", str(tmp_path / "d.json"), "--profile", str(tmp_path / "prof")])
+                 "--json", "--json-out", str(tmp_path / "d.json"), "--profile", str(tmp_path / "prof")])
     assert code == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])

@@ -50,7 +50,7 @@ def test_budget_search_finds_the_true_largest_batch_and_cla2_serves_twice_as_man
 def test_cli_table_json_and_plot(tmp_path, capsys):
     code = main(["bench", "memory", "--presets", "tiny-H32-MQA,tiny-H32-MQA-CLA2", "--batch-sizes", "1,2",
                  "--context-lengths", "32,64", "--budget", "8MiB", "--dtype", "fp32", "--plot", str(tmp_path / "kv.png"),
-                 "--json-out", str(tmp_path / "m.json")])
+                 "--json", "--json-out", str(tmp_path / "m.json")])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "m.json").read_text())

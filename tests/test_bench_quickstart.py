@@ -19,7 +19,7 @@ def test_flops_per_token_accounting():
 def test_bench_train_reports_every_model_and_ratios(capsys, tmp_path):
     out = tmp_path / "r.json"
     code = main(["bench", "train", "--presets", "tiny-H32-MQA,tiny-H32-MQA-CLA2", "--seq-len", "32",
-                 "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--json-out", str(out)])
+                 "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--json", "--json-out", str(out)])
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)

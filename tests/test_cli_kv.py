@@ -1,11 +1,11 @@
-import json
 from types import SimpleNamespace
 
 import pytest
 
+from crosslayer import CLAForCausalLM
 from crosslayer.__main__ import main
 
-from .conftest import run_cli, tiny_config
+from .conftest import last_json, run_cli, tiny_config
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_kv_json_reproduces_paper_bytes(cli):
                              ("1b-H128-MQA-CLA2-KeepEnds", 5632), ("3b-H128-MQA", 16384)]:
         proc = cli("kv", preset, "--json")
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["kv_bytes_per_token"] == expected
+        assert last_json(proc.stdout)["kv_bytes_per_token"] == expected
 
 
 def test_kv_capacity_arithmetic_and_config_file(tmp_path, cli):
@@ -36,12 +36,14 @@ def test_kv_capacity_arithmetic_and_config_file(tmp_path, cli):
     proc = cli("kv", str(tmp_path / "model"), "--seq-len", "100", "--memory", "10MiB", "--json", "--kv-dtype",
                    "fp32", "--weight-dtype", "fp32")
     assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
+    r = last_json(proc.stdout)
     per_token = 2 * 2 * 16 * 3 * 4  # K,V x kv heads x head_dim x 3 producers x fp32
     assert r["kv_bytes_per_token"] == per_token and r["kv_bytes_per_sequence"] == per_token * 100
-    assert r["max_sequences"] == (10 * 2**20 - config.num_parameters() * 4) // (per_token * 100)
+    weights = sum(p.numel() for p in CLAForCausalLM(config).parameters()) * 4  # counted on the built model
+    assert r["max_sequences"] == (10 * 2**20 - weights) // (per_token * 100)
+    assert "sharing groups     [0-1] [2-3] [4-5]" in proc.stdout  # the plan, as groups of layers
     # what CLA would do to a dense model
-    r2 = json.loads(cli("kv", "1b-H128-MQA", "--cla-factor", "2", "--json").stdout)
+    r2 = last_json(cli("kv", "1b-H128-MQA", "--cla-factor", "2", "--json").stdout)
     assert r2["kv_bytes_per_token"] == 5120
 
 
@@ -65,4 +67,4 @@ def test_console_entry_point_reports_errors_without_traceback():
     proc = run_cli("kv", "no-such-preset")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown preset" in proc.stderr
     proc = run_cli("kv", "1b-H128-MQA-CLA2", "--json")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["kv_bytes_per_token"] == 5120
+    assert proc.returncode == 0 and last_json(proc.stdout)["kv_bytes_per_token"] == 5120

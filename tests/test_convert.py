@@ -213,8 +213,8 @@ def qwen2_folder(tmp_path_factory, wiki_tokenizer):
 
 def test_cli_converts_a_folder_that_loads_in_a_fresh_process(tmp_path, qwen2_folder, wiki_tokenizer, capsys):
     out1, out2 = tmp_path / "cla1", tmp_path / "nested" / "cla2"
-    assert main(["convert", str(qwen2_folder), str(out1), "--cla-factor", "1"]) == 0
-    assert main(["convert", str(qwen2_folder), str(out2), "--cla-factor", "2", "--kv-init", "mean"]) == 0
+    assert main(["convert", str(qwen2_folder), "--out", str(out1), "--cla-factor", "1"]) == 0
+    assert main(["convert", str(qwen2_folder), "--out", str(out2), "--cla-factor", "2", "--kv-init", "mean"]) == 0
     printed = capsys.readouterr().out
     assert "KV bytes / token  256 -> 128" in printed and f"wrote             {out2}" in printed
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -255,11 +255,11 @@ def test_out_that_exists_is_never_touched(tmp_path, qwen2_folder):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert main(["convert", str(qwen2_folder), str(out), "--cla-factor", "2"]) == 2
+    assert main(["convert", str(qwen2_folder), "--out", str(out), "--cla-factor", "2"]) == 2
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder is fine: nothing to lose
-    assert main(["convert", str(qwen2_folder), str(empty), "--cla-factor", "2"]) == 0
+    assert main(["convert", str(qwen2_folder), "--out", str(empty), "--cla-factor", "2"]) == 0
     assert (empty / "model.safetensors").exists()
 
 
@@ -318,7 +318,7 @@ def test_bad_sources_fail_clearly_and_write_nothing(case, tmp_path, capsys):
     src = make(tmp_path)
     outdir = tmp_path / "outs"
     outdir.mkdir()
-    assert main(["convert", str(src), str(outdir / "cla2"), "--cla-factor", "2"]) == 2
+    assert main(["convert", str(src), "--out", str(outdir / "cla2"), "--cla-factor", "2"]) == 2
     err = capsys.readouterr().err  # after the progress bars of saving the source
     last = err.strip().splitlines()[-1]
     assert last.startswith("crosslayer convert: error: ") and message in last and "Traceback" not in err, err
@@ -342,13 +342,14 @@ def test_qwen2_config_without_layer_types_windows_from_max_window_layers():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--cla-factor", "0"], "cla_factor must be"),
+    (["--cla-factor", "0"], "argument --cla-factor: expected an integer >= 1, got 0"),
+    ([], "--cla-factor: give the layers per sharing group"),
     (["--cla-factor", "2", "--cla-pattern", "every_other"], "invalid choice"),
 ])
 def test_bad_flags(args, message, tmp_path, qwen2_folder, capsys):
     code = None
     try:
-        code = main(["convert", str(qwen2_folder), str(tmp_path / "out"), *args])
+        code = main(["convert", str(qwen2_folder), "--out", str(tmp_path / "out"), *args])
     except SystemExit as e:  # argparse
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
@@ -362,7 +363,7 @@ def test_failure_while_writing_removes_the_staging_folder(tmp_path, qwen2_folder
 
     monkeypatch.setattr(CLAForCausalLM, "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        main(["convert", str(qwen2_folder), str(tmp_path / "out"), "--cla-factor", "2"])
+        main(["convert", str(qwen2_folder), "--out", str(tmp_path / "out"), "--cla-factor", "2"])
     assert no_leftovers(tmp_path, "out")
 
 
@@ -374,5 +375,5 @@ def test_kv_init_is_checked():
 def test_cli_exit_code_in_a_real_process(tmp_path):
     from .conftest import run_cli
 
-    proc = run_cli("convert", str(tmp_path / "absent"), str(tmp_path / "out"), "--cla-factor", "2")
+    proc = run_cli("convert", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--cla-factor", "2")
     assert proc.returncode == 2 and "is not a folder" in proc.stderr and not (tmp_path / "out").exists()

@@ -6,7 +6,6 @@ the repository); tests needing it are skipped when it is absent.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -338,18 +337,19 @@ def test_bpe_training_is_byte_identical(tmp_path):
 
 
 @needs_shared
-def test_reuse_and_refuse_to_overwrite(books, tmp_path, capsys):
+def test_reuse_and_refuse_to_overwrite(books, tmp_path, caplog):
     out = tmp_path / "out"
     args = (f"text:{books}/**/*.txt", out)
     first = data.prepare(*args, tokenizer="bpe:300", val_fraction=0.3, progress=False)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level("INFO", logger="crosslayer")
 
     t0 = time.perf_counter()
     again = data.prepare(*args, tokenizer="bpe:300", val_fraction=0.3, progress=False)
     assert time.perf_counter() - t0 < 1.0
     assert again == first
-    assert "reusing" in capsys.readouterr().err
+    assert "reusing prepared data" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     with pytest.raises(CrossLayerError, match="different arguments.*another folder or delete it"):
@@ -434,8 +434,9 @@ def test_read_meta_and_load_tokens_errors(tmp_path):
 
 @needs_shared
 def test_cli_prepare(books, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="crosslayer")
-    data.add_parser(parser.add_subparsers(dest="command", required=True))
+    from crosslayer.__main__ import build_parser
+
+    parser = build_parser()
     assert parser.parse_args(["prepare", "--out", "x"]).source == "stdlib"
 
     args = parser.parse_args(

@@ -70,7 +70,7 @@ def test_cli_writes_json_and_heatmap(wiki_tokenizer, tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     wiki_tokenizer.save_pretrained(tmp_path / "m")
     code = main(["eval", "passkey", str(tmp_path / "m"), "--lengths", "200,300", "--depths", "0,1", "--trials", "1",
-                 "--output", str(tmp_path / "out"), "--no-progress"])
+                 "--out", str(tmp_path / "out"), "--no-progress", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [(c["length"], c["depth"]) for c in result["cells"]] == [(200, 0), (200, 1), (300, 0), (300, 1)]

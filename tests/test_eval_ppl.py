@@ -80,14 +80,15 @@ def test_prepared_folder_and_cli(tmp_path, capsys, shared_data):
     model.save_pretrained(tmp_path / "m")
     AutoTokenizer.from_pretrained(data).save_pretrained(tmp_path / "m")
     code = main(["eval", "ppl", str(tmp_path / "m"), "--data", str(data), "--context", "64", "--stride", "64",
-                 "--batch-size", "16", "--max-tokens", "1500", "--no-progress", "--output", str(tmp_path / "r.json")])
+                 "--batch-size", "16", "--max-tokens", "1500", "--no-progress", "--json",
+                 "--json-out", str(tmp_path / "r.json")])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "r.json").read_text())
     assert result["tokens_scored"] == 1500 and result["perplexity"] > 1
     # whole split: bits per byte from the byte count prepare recorded
     code = main(["eval", "ppl", str(tmp_path / "m"), "--data", str(data), "--context", "128", "--batch-size", "16",
-                 "--no-progress"])
+                 "--no-progress", "--json"])
     whole = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     from crosslayer.data import read_meta
 
@@ -107,7 +108,8 @@ def test_cli_on_a_transformers_checkpoint_and_its_converted_copy(tmp_path, wiki_
     (tmp_path / "t.txt").write_text("Robert Boulter is an English film , television and theatre actor . " * 20)
     scores = []
     for name in ("llama", "cla"):
-        assert main(["eval", "ppl", str(tmp_path / name), "--data", str(tmp_path / "t.txt"), "--no-progress"]) == 0
+        assert main(["eval", "ppl", str(tmp_path / name), "--data", str(tmp_path / "t.txt"), "--no-progress",
+                     "--json"]) == 0
         scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert scores[0]["context"] == 128 and scores[0]["stride"] == 64  # defaults from the model's config
     assert scores[0]["nll"] == pytest.approx(scores[1]["nll"], rel=1e-6)

@@ -240,7 +240,7 @@ def test_cli_writes_results_json_and_markdown(model_dir, data, tmp_path, capsys)
 
     out = tmp_path / "out"
     rc = main(["eval", "tasks", str(model_dir), "--tasks", "piqa,sciq,lambada_openai", "--data-dir", str(data),
-               "--limit", "2", "--batch-size", "2", "--device", "cpu", "--dtype", "fp32", "--output", str(out),
+               "--limit", "2", "--batch-size", "2", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
                "--log-samples"])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())

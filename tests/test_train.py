@@ -14,7 +14,7 @@ import yaml
 import crosslayer  # noqa: F401
 from crosslayer import CrossLayerError
 from crosslayer import train as train_mod
-from crosslayer.checkpoint import list_checkpoints, load_checkpoint
+from crosslayer.checkpoint import list_checkpoints, load_step_checkpoint_model
 from crosslayer.data import prepare
 from crosslayer.train import TrainConfig, load_train_config, lr_at, train
 
@@ -131,7 +131,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses_bit_for_bit(tmp_pat
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, ptb):
     path = recipe(tmp_path, ptb)
     run = tmp_path / "run"
-    # die (SIGKILL, no cleanup) in the middle of writing step 6: after the weights, before the optimizer
+    # die (SIGKILL, no cleanup) in the middle of writing step 6: after the sharded state, before the trainer state
     script = f"""
 import os, signal, torch, crosslayer.checkpoint as ck
 real = torch.save
@@ -146,9 +146,10 @@ main(["train", {str(path)!r}, "--out", {str(run)!r}])
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
-    assert (run / "checkpoints" / ".tmp-step_00000006").exists()  # the half-written one
-    model_sd, optim_sd, state = load_checkpoint(list_checkpoints(run)[0])
-    assert state["step"] == 3 and "model.embed_tokens.weight" in model_sd
+    assert (run / "checkpoints" / ".tmp-step_00000006" / "state" / ".metadata").exists()  # the half-written one
+    step3 = list_checkpoints(run)[0]
+    assert torch.load(step3 / "trainer.pt", weights_only=True)["step"] == 3
+    assert load_step_checkpoint_model(step3).config.kv_sources == [0, 0, 2, 2]  # a complete, loadable model
     proc = cli("train", str(path), "--out", str(run))
     assert proc.returncode == 0, proc.stderr
     assert not (run / "checkpoints" / ".tmp-step_00000006").exists()
@@ -172,10 +173,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pt
         train(cfg)
     run = Path(cfg.out)
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
-    _, _, state = load_checkpoint(list_checkpoints(run)[0])
-    weights = load_checkpoint(list_checkpoints(run)[0])[0]
-    assert state["step"] == 3 and all(torch.isfinite(t).all() for t in weights.values())
+    step3 = list_checkpoints(run)[0]
+    weights = load_step_checkpoint_model(step3).state_dict()
+    assert torch.load(step3 / "trainer.pt", weights_only=True)["step"] == 3
+    assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (run / "model.safetensors").exists()
+    assert json.loads((run / "diverged.json").read_text())["step"] == 5  # what a launcher reads
 
 
 def test_init_starts_from_saved_weights(tmp_path, ptb):

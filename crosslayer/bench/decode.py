@@ -19,21 +19,18 @@ Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import CLAConfig
+from ..config import CLAConfig, to_llama_config
 from ..convert import from_hf
 from ..decode import fast_generate
 from ..errors import CrossLayerError
-from ..eval.common import pick_device, pick_dtype
-from . import emit
-from .memory import _ints, weight_bytes
-from .train import _device_name, _sync, llama_config
+from ..runtime import device_name, sync
+from .memory import weight_bytes
 
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
@@ -44,10 +41,10 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
 
@@ -73,7 +70,7 @@ class StepClock:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        _sync(self.device)
+        sync(self.device)
         self.stamps.append(time.perf_counter() - self.start)
 
     def end(self) -> None:
@@ -106,7 +103,7 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype, max_len:
     twin = CLAConfig.from_preset(preset, cla_factor=1, cla_pattern="uniform", kv_sources=None)
     torch.manual_seed(seed)
     with torch.device(device):
-        llama = LlamaForCausalLM(llama_config(twin, max_len)).to(dtype).eval()
+        llama = LlamaForCausalLM(to_llama_config(twin, max_len)).to(dtype).eval()
     cla1 = from_hf(llama).to(device)
     if config.num_producer_layers == config.num_hidden_layers:
         raise CrossLayerError(f"{preset} shares no K/V; give a CLA preset (e.g. small-H64-MQA-CLA2)")
@@ -156,7 +153,7 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
                          "decode_tokens_per_s_all": decode[key], "bytes_per_step": step_bytes,
                          "roofline_tokens_per_s": roofline, "bw_util": tps / roofline})
     dtype = str(next(cla.parameters()).dtype).replace("torch.", "")
-    result = {"benchmark": "decode", "device": _device_name(device), "torch": torch.__version__, "preset": preset,
+    result = {"benchmark": "decode", "device": device_name(device), "torch": torch.__version__, "preset": preset,
               "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "rows": rows,
               "greedy_equal_to_transformers": checks, "ratios": _ratios(rows, preset)}
     return result
@@ -199,54 +196,3 @@ def profile_decode(models: tuple, batch: int, prompt_len: int, new_tokens: int, 
         path.write_text(prof.key_averages().table(sort_by=sort, row_limit=rows))
         paths.append(path)
     return paths
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("decode", help="prefill latency and decode tokens/s: ours (CLA, CLA1) vs transformers",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small-H64-MQA-CLA2", help="the CLA model; its CLA1 twin is derived")
-    p.add_argument("--batch-sizes", default="1,4,16")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--modes", default="eager,compiled", help="our decode paths: eager and/or compiled")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (runners interleaved); medians reported")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-baseline", action="store_true", help="skip transformers")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also write torch.profiler tables of one decode (transformers, ours) at the first batch size")
-    p.add_argument("--json-out", default=None)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"eager", "compiled"}:
-        raise CrossLayerError(f"--modes: eager and/or compiled, got {args.modes!r}")
-    if args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.warmup < 0:
-        raise CrossLayerError("need --prompt-len >= 1, --new-tokens >= 2, --repeats >= 1, --warmup >= 0")
-    batches = _ints(args.batch_sizes, "--batch-sizes")
-    models = build_models(args.preset, device, pick_dtype(args.dtype, device), args.prompt_len + args.new_tokens)
-    result = run_decode(models, args.preset, batches, args.prompt_len, args.new_tokens, modes, args.warmup,
-                        args.repeats, device, baseline=not args.no_baseline)
-    if args.profile:
-        result["profiles"] = [str(p) for p in profile_decode(models, batches[0], args.prompt_len, args.new_tokens,
-                                                             device, Path(args.profile))]
-    print(f"device: {result['device']}, {result['dtype']}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
-    print(f"{'model':22s} {'path':9s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} {'decode tok/s':>12s} "
-          f"{'roofline':>9s} {'bw util':>7s}")
-    for r in result["rows"]:
-        print(f"{r['model']:22s} {r['path']:9s} {r['batch']:>5d} {r['kv_bytes_per_token']:>9,} {r['prefill_ms']:>10.1f} "
-              f"{r['decode_tokens_per_s']:>12,.1f} {r['roofline_tokens_per_s']:>9,.0f} {r['bw_util'] * 100:>6.1f}%")
-    for e in result["ratios"]:
-        line = f"batch {e['batch']:>3d}: fastest path {e['fastest_path']}; {args.preset} / CLA1 {e['cla_over_cla1']:.2f}x"
-        if "cla1_over_transformers" in e:
-            line += (f"; CLA1 / transformers {e['cla1_over_transformers']:.2f}x; "
-                     f"{args.preset} / transformers {e['cla_over_transformers']:.2f}x")
-        print(line)
-    if result["greedy_equal_to_transformers"]:
-        print(f"greedy tokens of our CLA1 copy == transformers': {result['greedy_equal_to_transformers']}")
-    return emit(result, args.json_out)

@@ -12,18 +12,15 @@ length, ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..config import CLAConfig
-from ..errors import CrossLayerError
-from ..eval.common import pick_device, pick_dtype
-from ..kv import cache_nbytes, parse_bytes
+from ..kv import cache_nbytes
 from ..modeling import CLAForCausalLM
-from . import emit
+from ..runtime import pick_dtype
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -137,46 +134,3 @@ def plot(result: dict, presets: list[str], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CrossLayerError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise CrossLayerError(f"{what}: expected positive integers, got {text!r}")
-    return values
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("memory", help="KV bytes analytic vs measured; largest batch in a budget",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="small-H64-MHA,small-H64-GQA2,small-H64-MQA,small-H64-MQA-CLA2")
-    p.add_argument("--batch-sizes", default="1,4")
-    p.add_argument("--context-lengths", default="128,512")
-    p.add_argument("--budget", default=None, help="memory budget for the largest-batch search, e.g. 256MiB")
-    p.add_argument("--dtype", default="bf16", help="fp32, bf16 or fp16 (weights and cache)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--plot", default=None, help="write the KV-vs-context PNG here")
-    p.add_argument("--json-out", default=None)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    budget = parse_bytes(args.budget) if args.budget else None
-    result = run_memory(presets, _ints(args.batch_sizes, "--batch-sizes"), _ints(args.context_lengths,
-                        "--context-lengths"), budget, args.dtype, device)
-    print(f"{'preset':22s} {'batch':>5s} {'context':>7s} {'analytic KV':>13s} {'measured KV':>13s}")
-    for r in result["rows"]:
-        print(f"{r['preset']:22s} {r['batch']:>5d} {r['context']:>7d} {r['analytic_bytes']:>13,} {r['measured_bytes']:>13,}")
-    if result["capacity"]:
-        print(f"\nlargest batch within {args.budget}:")
-        print(f"{'preset':22s} {'context':>7s} {'found':>7s} {'analytic':>8s}")
-        for c in result["capacity"]:
-            print(f"{c['preset']:22s} {c['context']:>7d} {c['largest_batch']:>7d} {c['analytic_largest_batch']:>8d}")
-    if args.plot:
-        plot(result, presets, args.plot)
-    return emit(result, args.json_out)

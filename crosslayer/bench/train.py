@@ -9,25 +9,38 @@ and on CUDA the model FLOPs utilisation. Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import CLAConfig
+from ..config import CLAConfig, to_llama_config
 from ..errors import CrossLayerError
-from ..eval.common import pick_device
+from ..runtime import device_name, sync
 from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
-from . import emit
 
 # dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
+
+
+@dataclass
+class TrainBench:
+    """What `bench train` measures: our trainer on `presets` (the first a CLA1 shape) and the baseline."""
+
+    presets: list[str]
+    seq_len: int = 256
+    micro_batch: int = 8
+    accum: int = 1  # micro-batches per optimizer step
+    steps: int = 5  # timed steps per repeat
+    warmup: int = 2
+    repeats: int = 3  # timed rounds, models interleaved; medians reported
+    compile: bool = False  # torch.compile ours and the baseline
+    baseline: bool = True  # transformers' Llama of the first preset's shape
 
 
 def flops_per_token(config: CLAConfig, seq_len: int) -> float:
@@ -38,11 +51,6 @@ def flops_per_token(config: CLAConfig, seq_len: int) -> float:
         matmul_params += config.vocab_size * config.hidden_size  # ... but the tied head is a matmul
     attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6 * matmul_params + attn
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _synthetic_dataset(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:
@@ -65,14 +73,14 @@ def _time_interleaved(step_fns: list, steps: int, warmup: int, repeats: int, dev
     for fn in step_fns:
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     times: list[list[float]] = [[] for _ in step_fns]
     for _ in range(repeats):
         for i, fn in enumerate(step_fns):
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
-            _sync(device)
+            sync(device)
             times[i].append((time.perf_counter() - start) / steps)
     return times
 
@@ -86,19 +94,6 @@ def ours_step(preset: str, data: Path, args, device: torch.device):
     return trainer.step, trainer.model_config
 
 
-def llama_config(ours: CLAConfig, max_len: int = 0):
-    """transformers' LlamaConfig of the same shape as `ours` (its CLA1 twin: every layer its own K/V)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size,
-                       intermediate_size=ours.intermediate_size, num_hidden_layers=ours.num_hidden_layers,
-                       num_attention_heads=ours.num_attention_heads, num_key_value_heads=ours.num_key_value_heads,
-                       head_dim=ours.head_dim, max_position_embeddings=max(ours.max_position_embeddings, max_len),
-                       rms_norm_eps=ours.rms_norm_eps, rope_parameters=dict(ours.rope_parameters),
-                       tie_word_embeddings=ours.tie_word_embeddings, initializer_range=ours.initializer_range,
-                       attn_implementation="sdpa")
-
-
 def hf_llama_step(preset: str, args, device: torch.device):
     """(step function, config): one optimizer step of a plain loop over transformers' Llama."""
     from transformers import LlamaForCausalLM
@@ -106,7 +101,7 @@ def hf_llama_step(preset: str, args, device: torch.device):
     ours = CLAConfig.from_preset(preset)
     if ours.num_producer_layers != ours.num_hidden_layers:
         raise CrossLayerError(f"the transformers baseline needs a CLA1 shape, {preset} shares K/V")
-    config = llama_config(ours, args.seq_len)
+    config = to_llama_config(ours, args.seq_len)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device).train()
     if args.compile:
@@ -146,43 +141,19 @@ def _row(name: str, config: CLAConfig, times: list[float], batch_tokens: int, ar
 def _peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.getdevice_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="training tokens/s: ours (CLA1, CLA2) vs transformers Llama",
-                              description=__doc__)
-    p.add_argument("--presets", default="small-H64-MQA,small-H64-MQA-CLA2",
-                   help="comma-separated presets for our trainer; the first must be CLA1 (the baseline's shape)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (models interleaved); the median is reported")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile both ours and the baseline")
-    p.add_argument("--no-baseline", action="store_true", help="skip transformers' Llama")
-    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+def run_train_bench(args: TrainBench, device: torch.device) -> dict:
+    """Time one optimizer step of each model, interleaved; returns the result (rows, ratios)."""
+    presets = args.presets
     vocab = max(CLAConfig.from_preset(p).vocab_size for p in presets)
     batch_tokens = args.seq_len * args.micro_batch * args.accum
     with tempfile.TemporaryDirectory() as tmp:
         _synthetic_dataset(Path(tmp), vocab, tokens=max(2_000_000, 4 * batch_tokens))
         names, fns, configs = [], [], []
-        if not args.no_baseline:
+        if args.baseline:
             fn, config = hf_llama_step(presets[0], args, device)
             names.append(f"transformers Llama ({presets[0]} shape)"), fns.append(fn), configs.append(config)
         for preset in presets:
@@ -190,24 +161,13 @@ def run(args: argparse.Namespace) -> int:
             names.append(f"crosslayer {preset}"), fns.append(fn), configs.append(config)
         times = _time_interleaved(fns, args.steps, args.warmup, args.repeats, device)
         rows = [_row(n, c, t, batch_tokens, args, device) for n, c, t in zip(names, configs, times, strict=True)]
-    result = {"benchmark": "train", "device": _device_name(device), "torch": torch.__version__,
+    result = {"benchmark": "train", "device": device_name(device), "torch": torch.__version__,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum,
               "precision": "bf16-autocast" if device.type == "cuda" else "fp32", "compile": args.compile,
               "rows": rows}
     ours = {r["name"].split(" ", 1)[1]: r for r in rows if r["name"].startswith("crosslayer ")}
-    if not args.no_baseline:
+    if args.baseline:
         result["ours_over_transformers"] = ours[presets[0]]["tokens_per_s"] / rows[0]["tokens_per_s"]
     if len(presets) > 1:
         result["second_over_first"] = ours[presets[1]]["tokens_per_s"] / ours[presets[0]]["tokens_per_s"]
-    print(f"device: {result['device']}, seq_len {args.seq_len}, {args.micro_batch} x {args.accum} sequences/step, "
-          f"{result['precision']}")
-    print(f"{'model':45s} {'params':>9s} {'KV B/tok':>9s} {'tokens/s':>11s} {'MFU':>6s}")
-    for r in rows:
-        mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
-        print(f"{r['name']:45s} {r['parameters'] / 1e6:>8.1f}M {r['kv_bytes_per_token']:>9,} "
-              f"{r['tokens_per_s']:>11,.0f} {mfu:>6s}")
-    if "ours_over_transformers" in result:
-        print(f"ours / transformers ({presets[0]}): {result['ours_over_transformers']:.3f}x")
-    if "second_over_first" in result:
-        print(f"{presets[1]} / {presets[0]}: {result['second_over_first']:.3f}x")
-    return emit(result, args.json_out)
+    return result

@@ -8,8 +8,6 @@ decode greedily, and count a success when the key's digits are the first digits 
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 import sys
@@ -19,7 +17,6 @@ from typing import Any
 import torch
 
 from ..errors import CrossLayerError
-from .common import load_model
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it.")
@@ -115,44 +112,3 @@ def heatmap(result: dict[str, Any], path: str | Path, title: str = "passkey retr
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CrossLayerError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("passkey", help="passkey retrieval accuracy by length and depth, with a heat map",
-                              description=__doc__)
-    p.add_argument("model", help="model folder or hub id")
-    p.add_argument("--lengths", default="256,512,1024", help="prompt lengths in tokens (comma-separated)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1] (comma-separated)")
-    p.add_argument("--trials", type=int, default=5, help="prompts per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--output", default=None, help="folder for passkey.json and passkey.png")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    lengths = [int(x) for x in _floats(args.lengths)]
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    result = passkey(model, tokenizer, lengths, _floats(args.depths), args.trials, args.seed,
-                     progress=not args.no_progress)
-    result["model"] = str(args.model)
-    print(f"{'length':>8s} " + " ".join(f"d={d:<5g}" for d in _floats(args.depths)), file=sys.stderr)
-    for n in lengths:
-        row = [c for c in result["cells"] if c["length"] == n]
-        print(f"{n:>8d} " + " ".join(f"{c['accuracy']:>7.0%}" for c in row), file=sys.stderr)
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "passkey.json").write_text(json.dumps(result, indent=2))
-        heatmap(result, out / "passkey.png", f"passkey retrieval: {Path(str(args.model)).name}")
-    print(json.dumps(result))
-    return 0

@@ -10,9 +10,7 @@ the text. Reported: token-level perplexity; bits per byte (UTF-8) and word-level
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import math
 import re
 import sys
@@ -23,7 +21,6 @@ import numpy as np
 import torch
 
 from ..errors import CrossLayerError
-from .common import load_model
 
 
 def windows(n: int, context: int, stride: int, first: int = 1) -> list[tuple[int, int, int]]:
@@ -112,18 +109,20 @@ def perplexity(model, tokenizer, data: str, context: int | None = None, stride: 
                progress: bool = True) -> dict[str, Any]:
     """Strided perplexity of `model` on text (file, glob, hf:...) or a prepared dataset folder."""
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
-    context = context or min(max_pos, 2048)
-    stride = stride or max(1, context // 2)
+    if context is None:
+        context = min(max_pos, 2048)
+    if stride is None:
+        stride = max(1, context // 2)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     result: dict[str, Any] = {"data": data, "context": context, "stride": stride}
     text = None
     if Path(data).is_dir() and (Path(data) / "meta.json").exists():
-        from ..data import load_tokens, read_meta
+        from ..data import load_tokens, read_meta, tokenizer_fingerprint
 
         meta = read_meta(data)
-        if meta["vocab_size"] > model.config.vocab_size:
-            raise CrossLayerError(f"{data} was tokenised with a {meta['vocab_size']}-token vocabulary; the model has "
-                                  f"{model.config.vocab_size}: evaluate on text instead, or prepare with hf:<model>")
+        if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
+            raise CrossLayerError(f"{data} was tokenised with another tokenizer ({meta['tokenizer']}) than the "
+                                  "model's: evaluate on the text instead, or prepare it with --tokenizer hf:<model>")
         ids = torch.from_numpy(np.asarray(load_tokens(data, split), dtype=np.int64))
         n_bytes = meta["splits"][split]["bytes"]
         result["source"] = f"prepared {split} split ({meta['source']})"
@@ -132,6 +131,9 @@ def perplexity(model, tokenizer, data: str, context: int | None = None, stride: 
         text, result["source"] = read_text(data)
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         n_bytes = len(text.encode("utf-8"))
+    if len(ids) and int(ids.max()) >= model.config.vocab_size:
+        raise CrossLayerError(f"the tokenizer gives id {int(ids.max())}, past the model's vocabulary of "
+                              f"{model.config.vocab_size}: the tokenizer and the model do not belong together")
     if max_tokens is not None and len(ids) > max_tokens:
         ids, text = ids[:max_tokens], None  # a prefix of the text: byte/word counts no longer apply
         n_bytes = None
@@ -147,39 +149,3 @@ def perplexity(model, tokenizer, data: str, context: int | None = None, stride: 
         words = len(re.findall(r"\S+", text))
         result.update(words=words, word_perplexity=math.exp(nll / words))
     return result
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ppl", help="sliding-window perplexity, bits per byte, word perplexity",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model folder or hub id (ours or any transformers causal LM)")
-    p.add_argument("--data", required=True,
-                   help="text file or glob, a `crosslayer prepare` folder, or hf:NAME[:CONFIG[:SPLIT]] "
-                        "(e.g. hf:wikitext:wikitext-2-raw-v1:test)")
-    p.add_argument("--context", type=int, default=None, help="window length (default: the model's, at most 2048)")
-    p.add_argument("--stride", type=int, default=None, help="window step (default: context/2)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--split", default="val", help="split of a prepared folder (default val)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16")
-    p.add_argument("--output", default=None, help="also write the JSON result to this file")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    result = perplexity(model, tokenizer, args.data, args.context, args.stride, args.batch_size, args.split,
-                        args.max_tokens, progress=not args.no_progress)
-    result["model"] = str(args.model)
-    line = f"perplexity {result['perplexity']:.3f} over {result['tokens_scored']:,} tokens"
-    if "bits_per_byte" in result:
-        line += f", {result['bits_per_byte']:.4f} bits/byte"
-    if "word_perplexity" in result:
-        line += f", word perplexity {result['word_perplexity']:.3f}"
-    print(line + f" (context {result['context']}, stride {result['stride']})", file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    return 0

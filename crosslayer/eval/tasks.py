@@ -12,7 +12,6 @@ split lm-eval reports (SciQ test), the split that is there is used and the resul
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import string
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrossLayerError
-from .common import load_model
 from .lm_eval_tasks import local_data
 
 # Supported tasks: lm-eval's config (relative to lm_eval/tasks/) and the split lm-eval reports.
@@ -192,36 +190,3 @@ def write_results(result: dict[str, Any], output: str | Path) -> Path:
             for sample in samples:
                 f.write(json.dumps(sample, ensure_ascii=False, default=handle_non_serializable) + "\n")
     return out
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("tasks", help="zero-shot benchmarks through lm-eval (hellaswag, piqa, ...)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model folder or hub id (ours or any transformers causal LM)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default all): {', '.join(TASKS)}")
-    p.add_argument("--data-dir", default=None,
-                   help="local copies of the data, one folder per task as in shared/data (default: the hub)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    p.add_argument("--output", default=None, help="folder for results.json and results.md")
-    p.add_argument("--log-samples", action="store_true",
-                   help="keep per-item prompts, log-likelihoods and scores (samples_<task>.jsonl in --output)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    names = parse_tasks(args.tasks)  # check the cheap things before loading the model
-    if args.log_samples and not args.output:
-        raise CrossLayerError("--log-samples needs --output (the samples go to samples_<task>.jsonl there)")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise CrossLayerError(f"data folder not found: {args.data_dir}")
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    result = run_tasks(model, tokenizer, names, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-                       log_samples=args.log_samples)
-    result["model"] = str(args.model)
-    if args.output:
-        write_results(result, args.output)
-    print(markdown_table(result), end="")
-    return 0

@@ -1,0 +1,172 @@
+"""`crosslayer bench memory|decode|train`: benchmarks; each prints a table, then (with --json) one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import add_json_flags, add_progress_flag, emit, int_list, name_list, non_negative_int, positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: KV memory, decode speed, training throughput",
+                       description="Benchmarks that warm up, synchronise, repeat, and report medians.")
+    benches = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True, parser_class=type(p))
+    _register_memory(benches)
+    _register_decode(benches)
+    _register_train(benches)
+
+
+def _device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
+    from ..runtime import DTYPE_CHOICES
+
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
+                   help="weights and cache (auto: bf16 on CUDA, fp32 on CPU)")
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+
+def _register_memory(sub) -> None:
+    from ..bench import memory
+
+    p = sub.add_parser("memory", help="KV bytes analytic vs measured; largest batch in a budget",
+                       description=memory.__doc__)
+    p.add_argument("--presets", type=name_list, default=["small-H64-MHA", "small-H64-GQA2", "small-H64-MQA",
+                                                         "small-H64-MQA-CLA2"], help="models (random weights)")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 4], help="batches to fill the cache with")
+    p.add_argument("--context-lengths", type=int_list, default=[128, 512], help="tokens per sequence")
+    p.add_argument("--budget", default=None, metavar="SIZE", help="memory budget for the largest-batch search, e.g. 256MiB")
+    _device_flags(p, "bf16")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the KV-vs-context plot here")
+    add_json_flags(p)
+    p.set_defaults(func=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from ..bench.memory import plot, run_memory
+    from ..kv import parse_bytes
+    from ..runtime import pick_device
+
+    budget = parse_bytes(args.budget) if args.budget else None
+    result = run_memory(args.presets, args.batch_sizes, args.context_lengths, budget, args.dtype,
+                        pick_device(args.device))
+    print(f"{'preset':22s} {'batch':>5s} {'context':>7s} {'analytic KV':>13s} {'measured KV':>13s} {'allocated':>13s}")
+    for r in result["rows"]:
+        print(f"{r['preset']:22s} {r['batch']:>5d} {r['context']:>7d} {r['analytic_bytes']:>13,} "
+              f"{r['measured_bytes']:>13,} {r.get('allocated_bytes', 0):>13,}")
+    if result["capacity"]:
+        print(f"\nlargest batch within {args.budget}:")
+        print(f"{'preset':22s} {'context':>7s} {'found':>7s} {'analytic':>8s}")
+        for c in result["capacity"]:
+            print(f"{c['preset']:22s} {c['context']:>7d} {c['largest_batch']:>7d} {c['analytic_largest_batch']:>8d}")
+    if args.plot:
+        plot(result, args.presets, args.plot)
+    return emit(result, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+def _register_decode(sub) -> None:
+    from ..bench import decode
+
+    p = sub.add_parser("decode", help="prefill latency and decode tokens/s: ours (CLA, CLA1) vs transformers",
+                       description=decode.__doc__)
+    p.add_argument("--preset", default="small-H64-MQA-CLA2", help="the CLA model; its CLA1 twin is derived")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16], help="sequences decoded together")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated (at least 2)")
+    p.add_argument("--modes", type=name_list, default=["eager", "compiled"], help="our decode paths: eager, compiled")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (runners interleaved); medians reported")
+    _device_flags(p)
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also write torch.profiler tables of one decode (transformers, ours) at the first batch size")
+    add_json_flags(p)
+    p.set_defaults(func=run_decode)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from ..bench.decode import build_models, profile_decode, run_decode
+    from ..errors import CrossLayerError
+    from ..runtime import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    if set(args.modes) - {"eager", "compiled"}:
+        raise CrossLayerError(f"--modes: eager and/or compiled, got {','.join(args.modes)!r}")
+    if args.new_tokens < 2:
+        raise CrossLayerError(f"--new-tokens must be >= 2 (decode speed is measured after the first), got {args.new_tokens}")
+    models = build_models(args.preset, device, pick_dtype(args.dtype, device), args.prompt_len + args.new_tokens)
+    result = run_decode(models, args.preset, args.batch_sizes, args.prompt_len, args.new_tokens, args.modes,
+                        args.warmup, args.repeats, device, baseline=not args.no_baseline)
+    if args.profile:
+        result["profiles"] = [str(p) for p in profile_decode(models, args.batch_sizes[0], args.prompt_len,
+                                                             args.new_tokens, device, Path(args.profile))]
+    print(f"device: {result['device']}, {result['dtype']}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    print(f"{'model':22s} {'path':9s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} {'decode tok/s':>12s} "
+          f"{'roofline':>9s} {'bw util':>7s}")
+    for r in result["rows"]:
+        print(f"{r['model']:22s} {r['path']:9s} {r['batch']:>5d} {r['kv_bytes_per_token']:>9,} {r['prefill_ms']:>10.1f} "
+              f"{r['decode_tokens_per_s']:>12,.1f} {r['roofline_tokens_per_s']:>9,.0f} {r['bw_util'] * 100:>6.1f}%")
+    for e in result["ratios"]:
+        line = f"batch {e['batch']:>3d}: fastest path {e['fastest_path']}; {args.preset} / CLA1 {e['cla_over_cla1']:.2f}x"
+        if "cla1_over_transformers" in e:
+            line += (f"; CLA1 / transformers {e['cla1_over_transformers']:.2f}x; "
+                     f"{args.preset} / transformers {e['cla_over_transformers']:.2f}x")
+        print(line)
+    if result["greedy_equal_to_transformers"]:
+        print(f"greedy tokens of our CLA1 copy == transformers': {result['greedy_equal_to_transformers']}")
+    return emit(result, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def _register_train(sub) -> None:
+    from ..bench import train
+
+    p = sub.add_parser("train", help="training tokens/s: ours (CLA1, CLA2) vs transformers Llama",
+                       description=train.__doc__)
+    p.add_argument("--presets", type=name_list, default=["small-H64-MQA", "small-H64-MQA-CLA2"],
+                   help="presets for our trainer; the first must be CLA1 (the baseline's shape)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=positive_int, default=8, help="sequences per forward pass")
+    p.add_argument("--accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per repeat")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (models interleaved); medians reported")
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile both ours and the baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers' Llama")
+    add_progress_flag(p)
+    add_json_flags(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..bench.train import TrainBench, run_train_bench
+    from ..runtime import pick_device
+
+    bench = TrainBench(presets=args.presets, seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum,
+                       steps=args.steps, warmup=args.warmup, repeats=args.repeats, compile=args.compile,
+                       baseline=not args.no_baseline)
+    result = run_train_bench(bench, pick_device(args.device))
+    print(f"device: {result['device']}, seq_len {args.seq_len}, {args.micro_batch} x {args.accum} sequences/step, "
+          f"{result['precision']}")
+    print(f"{'model':45s} {'params':>9s} {'KV B/tok':>9s} {'tokens/s':>11s} {'MFU':>6s}")
+    for r in result["rows"]:
+        mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
+        print(f"{r['name']:45s} {r['parameters'] / 1e6:>8.1f}M {r['kv_bytes_per_token']:>9,} "
+              f"{r['tokens_per_s']:>11,.0f} {mfu:>6s}")
+    if "ours_over_transformers" in result:
+        print(f"ours / transformers ({args.presets[0]}): {result['ours_over_transformers']:.3f}x")
+    if "second_over_first" in result:
+        print(f"{args.presets[1]} / {args.presets[0]}: {result['second_over_first']:.3f}x")
+    return emit(result, args)

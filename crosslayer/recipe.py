@@ -1,0 +1,103 @@
+"""Recipes: YAML files plus `--set key=value` overrides, read into typed settings.
+
+One reader for every file a user writes by hand (training recipes, sweep files, evaluation-suite
+settings, model configs): a missing file, invalid YAML, a key that does not exist, or a value of the
+wrong type each raise one CrossLayerError naming the key and what it takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import CrossLayerError
+
+T = TypeVar("T")
+
+
+def read_yaml(path: str | Path, what: str = "recipe") -> dict[str, Any]:
+    """The mapping a YAML (or JSON) file holds; an empty file is an empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossLayerError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CrossLayerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CrossLayerError(f"{path} must hold a mapping of {what} keys, got a {type(raw).__name__}")
+    return raw
+
+
+def apply_sets(raw: dict[str, Any], sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` overrides (values read as YAML: 3e-4, true, [1, 2]); `a.b=v` sets key b of mapping a.
+
+    A dotted key whose parent is a string (a preset name) turns it into `{preset: name, b: v}`."""
+    raw = dict(raw)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CrossLayerError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        parent, dot, child = key.partition(".")
+        if dot:
+            inner = raw.get(parent)
+            inner = {"preset": inner} if isinstance(inner, str) else dict(inner or {})
+            inner[child] = parsed
+            raw[parent] = inner
+        else:
+            raw[key] = parsed
+    return raw
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """`value` as the type `annotation` names (int, float, bool, str, their `| None`, Any);
+    ints may be written 1e6 or 16_384, booleans true/false/yes/no."""
+    if value is None or annotation is Any:
+        return value
+    kinds = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    try:
+        if "bool" in kinds:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if "int" in kinds and "list" not in kinds:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(str(value).replace("_", ""))
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if "float" in kinds:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if "str" in kinds and "list" not in kinds and "dict" not in kinds:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise CrossLayerError(f"{key}: expected {kinds.replace(' | None', '').replace('typing.', '')}, "
+                              f"got {value!r}") from None
+    return value
+
+
+def settings_from(cls: type[T], raw: dict[str, Any], what: str) -> T:
+    """A settings dataclass from a mapping: unknown keys refused (naming the allowed ones), values coerced."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise CrossLayerError(f"unknown {what} key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(k, v, hints.get(k, Any)) for k, v in raw.items()})
