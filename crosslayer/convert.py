@@ -2,8 +2,8 @@
 
 Sources: transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (one layout; Qwen2
 adds biases to q/k/v) as folders, hub ids or GGUF files, and dense crosslayer models (every layer
-its own producer, e.g. an MQA model from `crosslayer train`). Every tensor of the source is used exactly once (asserted). Per-layer
-weights (Q, O, MLP, norms) are copied. Each producer's K/V projections (and biases) and KV-input
+its own producer, e.g. an MQA model from `crosslayer train`). Every tensor of the source is used
+exactly once (asserted). Per-layer weights (Q, O, MLP, norms) are copied. Each producer's K/V projections (and biases) and KV-input
 norm are initialised from its group (the producer and the consumers that will read its K/V):
   mean:  the uniform mean over the group's layers (the paper's better uptraining start);
   first: the producer's own (the group's first layer) weights; the others are dropped.
