@@ -14,10 +14,12 @@ leaves either the old set of checkpoints or the new one, never a half-written `s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process whenever no process group exists: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -125,7 +135,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / STATE), no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / STATE), no_dist=not _distributed())
     if _rank() == 0:
         model_files(tmp)
         torch.save({"step": step, "rng": rng_state(), **extra}, tmp / TRAINER)
@@ -150,7 +161,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     try:
         trainer = torch.load(path / TRAINER, weights_only=True, map_location="cpu")
         state = _train_state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path / STATE), no_dist=not _distributed())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path / STATE), no_dist=not _distributed())
     except (OSError, RuntimeError, ValueError) as e:
         raise CrossLayerError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
                               "delete it to resume from an older one") from None
@@ -189,7 +201,8 @@ def load_step_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32)
     model = model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(folder / STATE), no_dist=True)  # this process alone, whatever wrote it
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder / STATE), no_dist=True)  # this process alone, whatever wrote it
     except (OSError, RuntimeError, ValueError) as e:
         raise CrossLayerError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None

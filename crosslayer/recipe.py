@@ -101,3 +101,22 @@ def settings_from(cls: type[T], raw: dict[str, Any], what: str) -> T:
         raise CrossLayerError(f"unknown {what} key(s): {', '.join(sorted(unknown))}; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: coerce(k, v, hints.get(k, Any)) for k, v in raw.items()})
+
+
+def parse_list(value: Any, kind: type, what: str) -> list:
+    """`"1,2,3"` (or a YAML list) -> [1, 2, 3] of `kind` (int, float or str); empty items dropped."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = [x.strip() if isinstance(x, str) else x for x in items]
+    items = [x for x in items if x != ""]
+    try:
+        values = [kind(x) if kind is not int else int(float(x)) if float(x).is_integer() else _not_int(x)
+                  for x in items]
+    except (TypeError, ValueError):
+        raise CrossLayerError(f"{what}: expected comma-separated {kind.__name__} values, got {value!r}") from None
+    if not values:
+        raise CrossLayerError(f"{what}: expected at least one value, got {value!r}")
+    return values
+
+
+def _not_int(x: Any) -> int:
+    raise ValueError(x)

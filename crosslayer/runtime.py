@@ -26,6 +26,15 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError)
+
+
+# what reading a model's files raises when they are missing, truncated or not what they claim to be
+LOAD_ERRORS = _load_errors()
+
 # files that make a tokenizer (and its chat template) loadable beside a model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -158,7 +167,7 @@ def load_tokenizer(spec: str | Path, gguf_file: str | None = None):
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
                 AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError, ImportError) as e:
+    except LOAD_ERRORS as e:
         raise CrossLayerError(f"cannot load the tokenizer of {spec}: {_first_line(e)}") from None
 
 
@@ -193,7 +202,7 @@ def load_model(spec: str | Path, device: str | torch.device = "auto", dtype: str
                 model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
     except CrossLayerError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+    except LOAD_ERRORS as e:
         raise CrossLayerError(f"cannot load the model weights of {spec}: {_first_line(e)}") from None
     if tok is not None:
         check_tokenizer_fits(tok, model.config, str(spec))

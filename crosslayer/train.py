@@ -37,7 +37,7 @@ from .errors import CrossLayerError, TrainingDiverged
 from .modeling import CLADecoderLayer, CLAForCausalLM
 from .recipe import apply_sets, read_yaml, settings_from
 from .recover import build_objective, select_trainable
-from .runtime import copy_tokenizer_files, quiet_transformers
+from .runtime import LOAD_ERRORS, copy_tokenizer_files, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ def load_init_model(init: str, data: str, meta: dict, attn_implementation: str) 
         with quiet_transformers():
             model, info = CLAForCausalLM.from_pretrained(init, attn_implementation=attn_implementation,
                                                          dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except LOAD_ERRORS as e:
         raise CrossLayerError(f"init: cannot load the weights of {init}: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     missing = [k for k in info.get("missing_keys") or [] if not (model.config.tie_word_embeddings and "lm_head" in k)]

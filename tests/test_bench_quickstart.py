@@ -5,18 +5,36 @@ import pytest
 
 from crosslayer.__main__ import main
 from crosslayer.bench.train import flops_per_token
+import torch
+
+from crosslayer import CLAForCausalLM
 from crosslayer.config import CLAConfig
 
 
-def test_flops_per_token_accounting():
-    c = CLAConfig.from_preset("1b-H128-MQA")
-    matmul = c.num_parameters() - c.vocab_size * c.hidden_size
-    assert flops_per_token(c, 2048) == 6 * matmul + 12 * 20 * 16 * 128 * 2048
-    # CLA2 drops half the K/V projections, so it costs fewer FLOPs per token
-    assert flops_per_token(CLAConfig.from_preset("1b-H128-MQA-CLA2"), 2048) < flops_per_token(c, 2048)
+@pytest.mark.parametrize("preset", ["tiny-H32-MQA", "tiny-H32-MQA-CLA2", "tiny-H32-GQA2"])
+def test_flops_per_token_equals_the_flops_a_training_step_performs(preset):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = CLAConfig.from_preset(preset, attn_implementation="eager")  # matmuls the counter sees on a CPU
+    model = CLAForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 48))
+    with FlopCounterMode(display=False) as counter:  # counts every matmul and attention kernel, forward and backward
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert flops_per_token(config, 48) * 2 * 48 == counter.get_total_flops()
 
 
-def test_bench_train_reports_every_model_and_ratios(capsys, tmp_path):
+def test_bench_train_reports_every_model_and_ratios(capsys, tmp_path, monkeypatch):
+    from crosslayer.train import SequenceOrder
+
+    consumed = []  # tokens our trainer really reads per call, counted here
+    real_batch = SequenceOrder.batch
+
+    def counting(self, indices):
+        rows = real_batch(self, indices)
+        consumed.append(rows[:, 1:].numel())
+        return rows
+
+    monkeypatch.setattr(SequenceOrder, "batch", counting)
     out = tmp_path / "r.json"
     code = main(["bench", "train", "--presets", "tiny-H32-MQA,tiny-H32-MQA-CLA2", "--seq-len", "32",
                  "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--json", "--json-out", str(out)])
@@ -26,8 +44,10 @@ def test_bench_train_reports_every_model_and_ratios(capsys, tmp_path):
     assert result == json.loads(out.read_text())
     names = [r["name"] for r in result["rows"]]
     assert names == ["transformers Llama (tiny-H32-MQA shape)", "crosslayer tiny-H32-MQA", "crosslayer tiny-H32-MQA-CLA2"]
+    assert set(consumed) == {32 * 2}  # one micro-batch of 2 sequences x 32 tokens per step
     for r in result["rows"]:
-        assert len(r["step_s_all"]) == 2 and r["tokens_per_s"] == pytest.approx(64 / r["step_s"])
+        assert len(r["step_s_all"]) == 2 and min(r["step_s_all"]) <= r["step_s"] <= max(r["step_s_all"])
+        assert r["tokens_per_s"] == pytest.approx(consumed[0] / r["step_s"])
     rows = {r["name"]: r for r in result["rows"]}
     assert result["ours_over_transformers"] == pytest.approx(
         rows["crosslayer tiny-H32-MQA"]["tokens_per_s"] / rows[names[0]]["tokens_per_s"])

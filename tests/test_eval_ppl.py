@@ -19,6 +19,8 @@ def test_windows_score_every_position_once(n, context, stride):
     scored = []
     for b, e, s in windows(n, context, stride):
         assert e - b <= context and b < s <= e
+        if b > 0:  # after the first window, each scored token sees at least context - stride tokens (and one)
+            assert s - b >= max(1, context - stride)
         scored += list(range(s, e))
     assert scored == list(range(1, n))
     assert all(e - b == min(context, n) for b, e, _ in windows(n, context, stride))  # full windows batch together

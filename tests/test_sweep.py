@@ -212,6 +212,15 @@ def test_launcher_runs_each_run_as_a_command_with_the_same_result(clean, data, t
     assert row["final_val_ppl"] == reference["final_val_ppl"] and row["wikitext_ppl"] == reference["wikitext_ppl"]
 
 
+def test_a_launched_run_that_diverges_is_recorded_and_the_grid_goes_on(data, tmp_path):
+    path = write_sweep(tmp_path / "sweep.yaml", data, tmp_path / "out", launcher=sys.executable, lrs=[1e30, 3e-3],
+                       models=[{"name": "mqa"}], wikitext=None)
+    rows = run_sweep(load_sweep(path))
+    assert [(r["lr"], r["diverged"]) for r in rows] == [(1e30, True), (3e-3, False)]
+    assert rows[0]["final_val_ppl"] is None and math.isfinite(rows[1]["final_val_ppl"])
+    assert json.loads((tmp_path / "out" / "runs" / "mqa_lr1e+30_s0" / "diverged.json").read_text())["step"] >= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots and the table
 

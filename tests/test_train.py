@@ -276,3 +276,52 @@ def test_tensorboard_logs_train_and_val_scalars(tmp_path, ptb):
     assert [e.step for e in events.Scalars("val/loss")] == [2, 4]
     logged = [json.loads(ln) for ln in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert events.Scalars("train/loss")[-1].value == pytest.approx([r["loss"] for r in logged if "loss" in r][-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision, compile and activation checkpointing, applied from outside the model by the Trainer
+
+
+def _trainer(tmp_path, data, name, **kw):
+    cfg = load_train_config(recipe(tmp_path, data, out=str(tmp_path / name), seq_len=16, batch_tokens=128,
+                                   micro_batch=4, max_steps=4, eval_every=2, eval_tokens=256, checkpoint_every=2,
+                                   **kw))
+    return cfg
+
+
+def test_bf16_on_cpu_autocasts_the_matmuls_and_keeps_fp32_weights(tmp_path, ptb):
+    trainer = train_mod.Trainer(_trainer(tmp_path, ptb, "bf16", dtype="bf16"))
+    seen = []
+    hook = trainer.raw_model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    bf16 = [trainer.step()["loss"] for _ in range(2)]
+    hook.remove()
+    assert trainer.precision == "bf16-autocast" and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())
+    fp32 = train_mod.Trainer(_trainer(tmp_path, ptb, "fp32", dtype="fp32"))
+    reference = [fp32.step()["loss"] for _ in range(2)]
+    assert bf16 != reference and bf16 == pytest.approx(reference, rel=2e-2)  # rounded, not another computation
+
+
+def test_activation_checkpointing_through_the_trainer_changes_nothing(tmp_path, ptb):
+    plain = train_mod.Trainer(_trainer(tmp_path, ptb, "plain"))
+    recomputed = train_mod.Trainer(_trainer(tmp_path, ptb, "ckpt", activation_checkpointing=True))
+    assert all(layer.gradient_checkpointing for layer in recomputed.raw_model.model.layers)
+    for _ in range(2):
+        assert recomputed.step() == plain.step()  # loss, lr and gradient norm, bit for bit
+    for a, b in zip(plain.raw_model.parameters(), recomputed.raw_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_compiled_run_saves_and_resumes_like_an_uninterrupted_one(tmp_path, ptb):
+    eager = _trainer(tmp_path, ptb, "eager")
+    train(eager)
+    half = _trainer(tmp_path, ptb, "half", compile=True)
+    trainer = train_mod.Trainer(half)
+    first = [trainer.step()["loss"] for _ in range(2)]
+    trainer.save_checkpoint(Path(half.out), 2)  # a compiled model's state, saved under the model's own names
+    assert "_orig_mod" not in (Path(half.out) / "checkpoints" / "step_00000002" / "state" / ".metadata").read_bytes().decode(
+        "latin-1")
+    train(half)  # as a new process would: resume from step 2, compile again, finish
+    resumed = [loss for step, loss in losses(Path(half.out)) if step > 2]
+    reference = [loss for step, loss in losses(Path(eager.out))]
+    assert first + resumed[:2] == pytest.approx(reference[:4], rel=1e-4)  # steps 1-4, across the restart

@@ -44,13 +44,15 @@ class TrainBench:
 
 
 def flops_per_token(config: CLAConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + 12 x layers x heads x head_dim x seq_len
+    """Training FLOPs per token: 6 x the weights of every matmul (forward 2, backward 4; the LM head
+    included, the embedding lookup, norms and biases not) + 12 x layers x heads x head_dim x seq_len
     (attention scores and values, forward and backward; PaLM's accounting, no causal discount)."""
-    matmul_params = config.num_parameters() - config.vocab_size * config.hidden_size  # the lookup is free
-    if config.tie_word_embeddings:
-        matmul_params += config.vocab_size * config.hidden_size  # ... but the tied head is a matmul
-    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul_params + attn
+    d, hd, L = config.hidden_size, config.head_dim, config.num_hidden_layers
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    per_layer = 2 * d * q_out + 3 * d * config.intermediate_size  # q, o, gate, up, down
+    matmul_weights = L * per_layer + config.num_producer_layers * 2 * d * kv_out + config.vocab_size * d
+    attn = 12 * L * config.num_attention_heads * hd * seq_len
+    return 6 * matmul_weights + attn
 
 
 def _synthetic_dataset(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:

@@ -106,34 +106,26 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-@_typed("comma-separated ints >= 1")
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
+def _list_type(kind: type, name: str, minimum: float | None = None):
+    """An argparse type for comma-separated values (recipe.parse_list), optionally all >= minimum."""
+    from ..errors import CrossLayerError
+    from ..recipe import parse_list
+
+    @_typed(name)
+    def parse(text: str) -> list:
+        try:
+            values = parse_list(text, kind, "value")
+        except CrossLayerError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value: ")) from None
+        if minimum is not None and min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return values
+    return parse
 
 
-@_typed("comma-separated numbers")
-def float_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
-    return values
-
-
-@_typed("comma-separated names")
-def name_list(text: str) -> list[str]:
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return values
+int_list = _list_type(int, "comma-separated ints >= 1", minimum=1)
+float_list = _list_type(float, "comma-separated numbers")
+name_list = _list_type(str, "comma-separated names")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ def passkey(model, tokenizer, lengths: list[int], depths: list[float], trials: i
         raise CrossLayerError(f"lengths must be positive token counts, got {lengths}")
     if not depths or any(not 0 <= d <= 1 for d in depths):
         raise CrossLayerError(f"depths must lie in [0, 1], got {depths}")
+    for length in lengths:  # every length can hold the prompt: checked before any work starts
+        build_prompt(tokenizer, length, 0.5, 10000)
     rng = random.Random(seed)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrossLayerError
+from ..recipe import parse_list
 from .passkey import heatmap, passkey
 from .perplexity import perplexity
 from .tasks import TASKS, markdown_table, parse_tasks, run_tasks
@@ -55,9 +56,9 @@ def run_suite(model, tokenizer, name: str, out: str | Path, settings: SuiteSetti
     data_dir = Path(s.data_dir) if s.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise CrossLayerError(f"data_dir {data_dir} does not exist")
-    depths = parse_numbers(s.passkey_depths, "passkey_depths")
+    depths = parse_list(s.passkey_depths, float, "passkey_depths")
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
-    lengths = ([int(x) for x in parse_numbers(s.passkey_lengths, "passkey_lengths")] if s.passkey_lengths
+    lengths = (parse_list(s.passkey_lengths, int, "passkey_lengths") if s.passkey_lengths
                else [n for n in (256, 512, 1024, 2048, 4096, 8192) if n <= max_pos] or [max_pos])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,17 +81,6 @@ def run_suite(model, tokenizer, name: str, out: str | Path, settings: SuiteSetti
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown_report(report))
     return report
-
-
-def parse_numbers(text: str, what: str) -> list[float]:
-    """Comma-separated numbers of a setting."""
-    try:
-        values = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise CrossLayerError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise CrossLayerError(f"{what}: expected at least one number, got {text!r}")
-    return values
 
 
 def markdown_report(report: dict[str, Any]) -> str:
