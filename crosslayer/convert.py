@@ -1,20 +1,25 @@
-"""Pretrained checkpoints -> CLA models: a declarative weight map, and folder-to-folder conversion.
+"""Pretrained checkpoints -> CLA models: an exact weight map, K/V initialisation per sharing group, and
+folder-to-folder conversion.
 
 Sources: transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (one layout; Qwen2
-adds biases to q/k/v) as folders, hub ids or GGUF files, and dense crosslayer models (every layer
-its own producer, e.g. an MQA model from `crosslayer train`). Every tensor of the source is used
-exactly once (asserted). Per-layer weights (Q, O, MLP, norms) are copied. Each producer's K/V projections (and biases) and KV-input
-norm are initialised from its group (the producer and the consumers that will read its K/V):
-  mean:  the uniform mean over the group's layers (the paper's better uptraining start);
-  first: the producer's own (the group's first layer) weights; the others are dropped.
-With cla_factor=1 every layer is its own group and the copy is exact.
+adds biases to q/k/v) as folders, hub ids or GGUF files (dequantised), and dense crosslayer models
+(every layer its own producer, e.g. an MQA model from `crosslayer train`).
 
-`convert(src, out)` writes OUT atomically (a temporary folder beside it, renamed at the
-end) with the source's tokenizer files and generation config; on any error nothing is left behind.
+Conversion is two steps. `dense_copy` maps every source tensor, each exactly once (asserted), into a
+dense CLA model with equal logits. `share_kv` then applies a sharing plan (`kv_sources`): every
+layer keeps its Q, O, MLP and norms; each producer's K/V projections and KV-input norm are
+initialised from its group (the producer and the consumers that will read its K/V) by one of
+KV_INITS (fit, mean, mean-folded, first; see `share_kv`). With cla_factor=1 the copy is exact.
+
+`convert(src, out)` writes OUT atomically (a temporary folder beside it, renamed at the end) with the
+source's tokenizer files, chat template and generation config, and the plan as `plan.json`; on any
+error nothing is left behind. Plans are given (`cla_factor` / `cla_pattern`, `kv_sources`, a plan
+file) or searched on calibration data (crosslayer.plan).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,7 +35,8 @@ from .errors import CrossLayerError
 from .modeling import CLAForCausalLM
 from .runtime import copy_tokenizer_files, dtype_by_name, looks_like_path, quiet_transformers, split_model_spec
 
-KV_INITS = ("mean", "first")
+KV_INITS = ("fit", "mean", "mean-folded", "first")
+FIT_RIDGE = 1e-4  # least-squares fit: ridge as a fraction of the mean diagonal of X^T X
 SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
 # model_type -> class, for configs that do not name their class (those read from GGUF metadata)
 ARCHITECTURE_OF = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -46,15 +52,15 @@ LAYER_MAP = {
     "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
-# source name -> our producer name; merged over each sharing group. A Llama-family layer normalises
-# Q and K/V inputs with its one input_layernorm; a crosslayer producer has its own kv_layernorm.
-GROUP_MAP = {
+# the K/V map of each layer. A Llama-family layer normalises Q and K/V inputs with its one
+# input_layernorm; a crosslayer producer has its own kv_layernorm.
+KV_MAP = {
     "model.layers.{i}.self_attn.k_proj.{p}": "model.layers.{i}.self_attn.k_proj.{p}",
     "model.layers.{i}.self_attn.v_proj.{p}": "model.layers.{i}.self_attn.v_proj.{p}",
     "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.kv_layernorm.weight",
 }
-CLA_GROUP_MAP = {**{k: v for k, v in GROUP_MAP.items() if "layernorm" not in k},
-                 "model.layers.{i}.kv_layernorm.weight": "model.layers.{i}.kv_layernorm.weight"}
+CLA_KV_MAP = {**{k: v for k, v in KV_MAP.items() if "layernorm" not in k},
+              "model.layers.{i}.kv_layernorm.weight": "model.layers.{i}.kv_layernorm.weight"}
 GLOBAL_MAP = {
     "model.embed_tokens.weight": "model.embed_tokens.weight",
     "model.norm.weight": "model.norm.weight",
@@ -159,7 +165,7 @@ def load_source(spec: str | Path, gguf_file: str | None = None, dtype: torch.dty
 
 
 # ----------------------------------------------------------------------------------------------
-# The weight map
+# The weight map: the source as a dense CLA model, exactly
 
 
 def from_hf(
@@ -169,10 +175,15 @@ def from_hf(
     kv_init: str = "mean",
     kv_sources: list[int] | None = None,
     dtype: torch.dtype | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> CLAForCausalLM:
-    """A CLAForCausalLM from a Llama / Mistral / Qwen2 / dense crosslayer causal LM (object or folder).
+    """A CLAForCausalLM from a Llama / Mistral / Qwen2 / dense crosslayer causal LM (object, folder, hub id
+    or GGUF file).
 
-    `dtype`: of the result; None keeps the source's. K/V means are taken in fp32 and rounded once.
+    The source is first copied exactly into a dense CLA model (every layer its own producer), then each
+    sharing group's K/V is initialised by `kv_init` (see `share_kv`); `fit` needs `calibration`, a
+    (B, T) tensor of token ids. `dtype`: of the result; None keeps the source's. K/V initialisations
+    are computed in fp32 and rounded once.
     """
     if kv_init not in KV_INITS:
         raise CrossLayerError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
@@ -184,10 +195,24 @@ def from_hf(
         raw = read_source_config(model_or_path)
         config = target_config(raw, cla_factor, cla_pattern, kv_sources)  # before the (slow) weights
         source = load_source(model_or_path)
+    if kv_init == "fit" and config.num_producer_layers < config.num_hidden_layers and calibration is None:
+        raise CrossLayerError("kv_init 'fit' needs calibration tokens (a (B, T) tensor of token ids)")
+    out_dtype = dtype or next(source.parameters()).dtype
+    dense = dense_copy(source, raw)
+    if config.num_producer_layers == config.num_hidden_layers:
+        return dense.to(out_dtype).eval()
+    return share_kv(dense, config, kv_init, calibration).to(out_dtype).eval()
+
+
+def dense_copy(source: nn.Module, raw: dict[str, Any] | None = None) -> CLAForCausalLM:
+    """The source model as a dense CLA model (every layer its own producer) with equal logits; every
+    source tensor is used, each exactly once (a Llama-family layer's one input norm becomes both
+    the query-input and the KV-input norm)."""
+    raw = raw or {**source.config.to_dict(), "architectures": [type(source).__name__]}
+    config = target_config(raw)
     config._attn_implementation = source.config._attn_implementation or "sdpa"
-    group_map = CLA_GROUP_MAP if raw.get("model_type") == "crosslayer" else GROUP_MAP
+    kv_map = CLA_KV_MAP if raw.get("model_type") == "crosslayer" else KV_MAP
     state = source.state_dict()
-    out_dtype = dtype or next(iter(state.values())).dtype
     if config.tie_word_embeddings and "lm_head.weight" in state:
         if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
             raise CrossLayerError("the source's config says tie_word_embeddings=true, but its lm_head.weight differs "
@@ -196,42 +221,34 @@ def from_hf(
 
     target: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        used.add(name)
-        return state[name]
-
-    def per_param(template: str, i: int) -> list[tuple[str, str]]:
-        params = ("weight", "bias") if "{p}" in template else (None,)
-        return [(p, template.format(i=i, p=p)) for p in params if template.format(i=i, p=p) in state]
-
     for src, dst in GLOBAL_MAP.items():
         if src in state:
-            target[dst] = take(src).clone()
+            target[dst] = state[src].clone()
+            used.add(src)
     for i in range(config.num_hidden_layers):
-        for src, dst in LAYER_MAP.items():
-            for p, name in per_param(src, i):
-                target[dst.format(i=i, p=p)] = take(name).clone()
-    for producer in config.producer_layers:
-        group = [j for j, s in enumerate(config.kv_sources) if s == producer]  # producer first
-        members = group if kv_init == "mean" else [producer]
-        for src, dst in group_map.items():
-            for p, _ in per_param(src, producer):
-                for j in group:  # the dropped ones count as used too: nothing is silently unmapped
-                    used.add(src.format(i=j, p=p))
-                picked = [state[src.format(i=j, p=p)] for j in members]
-                merged = torch.stack([t.float() for t in picked]).mean(0)  # (len(members), *shape) -> shape
-                target[dst.format(i=producer, p=p)] = merged.to(out_dtype)
-
+        for template_map in (LAYER_MAP, kv_map):
+            for src, dst in template_map.items():
+                for p in (("weight", "bias") if "{p}" in src else (None,)):
+                    name = src.format(i=i, p=p)
+                    if name in state:
+                        target[dst.format(i=i, p=p)] = state[name].clone()
+                        used.add(name)
     unused = set(state) - used
     if unused:
         raise CrossLayerError(
             f"{type(source).__name__} has weights this converter does not map: {', '.join(sorted(unused)[:5])}"
             f"{' ...' if len(unused) > 5 else ''}; supported: {', '.join(SOURCE_ARCHITECTURES)}"
         )
+    model = _assemble(config, target)
+    model.generation_config = copy.deepcopy(source.generation_config)
+    return model
+
+
+def _assemble(config: CLAConfig, state: dict[str, torch.Tensor]) -> CLAForCausalLM:
+    """A CLAForCausalLM holding exactly `state` (tensors assigned, not copied)."""
     with torch.device("meta"):
         model = CLAForCausalLM(config)
-    missing, unexpected = model.load_state_dict(target, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise CrossLayerError(f"weight map incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -239,10 +256,135 @@ def from_hf(
         model.tie_weights()
     # rotary tables are buffers, not weights: rebuild them on a real device
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    model.generation_config = source.generation_config
-    return model.to(out_dtype).eval()
+    return model.eval()
 
 
+# ----------------------------------------------------------------------------------------------
+# Sharing: each group's K/V initialised from its layers
+
+
+def kv_groups(kv_sources: list[int]) -> dict[int, list[int]]:
+    """producer -> every layer that attends with its K/V, in order (the producer first)."""
+    groups: dict[int, list[int]] = {}
+    for layer, src in enumerate(kv_sources):
+        groups.setdefault(src, []).append(layer)
+    return groups
+
+
+def sharing_config(dense_config: CLAConfig, kv_sources: list[int]) -> CLAConfig:
+    """The config of `dense_config`'s model with the sharing plan `kv_sources`."""
+    fields = {k: v for k, v in dense_config.to_dict().items() if k in MODEL_FIELDS}
+    fields.update(kv_sources=list(kv_sources), cla_factor=1, cla_pattern="custom")
+    config = load_config(fields)
+    config._attn_implementation = dense_config._attn_implementation
+    return config
+
+
+def _kv_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A dense layer's K/V map: its projections (and biases) and KV-input norm scale, in fp32."""
+    attn = layer.self_attn
+    out = {"k_proj.weight": attn.k_proj.weight, "v_proj.weight": attn.v_proj.weight,
+           "kv_layernorm.weight": layer.kv_layernorm.weight}
+    if attn.k_proj.bias is not None:
+        out.update({"k_proj.bias": attn.k_proj.bias, "v_proj.bias": attn.v_proj.bias})
+    return {k: v.detach().float() for k, v in out.items()}
+
+
+def pooled_kv(dense: CLAForCausalLM, members: list[int], kv_init: str) -> dict[str, torch.Tensor]:
+    """The K/V map of a producer whose group is `members` (of the dense model), by a calibration-free init.
+
+    Layer j maps its input h to K_j = W_k^j diag(g_j) rms(h)^-1 h (+ b_k^j), likewise V, where g_j
+    is its KV-input norm scale. first: the producer's own map. mean: W, b and g each averaged over
+    the group (the paper's mean pooling of parameters; not the mean of the maps when the g_j differ).
+    mean-folded: the mean of the maps, W = mean_j W^j diag(g_j), b = mean_j b^j, g = 1.
+    """
+    layers = [_kv_tensors(dense.model.layers[j]) for j in members]
+    if kv_init == "first":
+        return layers[0]
+    if kv_init == "mean":
+        return {name: torch.stack([t[name] for t in layers]).mean(0) for name in layers[0]}  # (n, *shape) -> shape
+    if kv_init == "mean-folded":
+        out = {name: torch.stack([t[name] for t in layers]).mean(0) for name in layers[0] if "bias" in name}
+        for proj in ("k_proj", "v_proj"):
+            folded = [t[f"{proj}.weight"] * t["kv_layernorm.weight"] for t in layers]  # W diag(g): scale columns
+            out[f"{proj}.weight"] = torch.stack(folded).mean(0)
+        out["kv_layernorm.weight"] = torch.ones_like(layers[0]["kv_layernorm.weight"])
+        return out
+    raise CrossLayerError(f"kv_init {kv_init!r} needs calibration data; calibration-free inits: mean, mean-folded, first")
+
+
+def least_squares_kv(gram: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, bias: bool,
+                     ridge: float = FIT_RIDGE) -> dict[str, torch.Tensor]:
+    """The K/V map that best reproduces targets in the least-squares sense, from sufficient statistics.
+
+    With X (N, d') the producer's normalised inputs (a column of ones appended when `bias`) and T_k
+    (N, kv) the targets (the mean over the group of each member's original keys):
+    gram = X^T X (d', d'), cross_k = X^T T_k (d', kv), likewise cross_v. Solves
+    (X^T X + ridge * mean(diag) * I) W^T = X^T T in float64; the KV-input norm becomes 1.
+    """
+    d = gram.shape[0]
+    reg = ridge * gram.diagonal().mean() * torch.eye(d, dtype=torch.float64, device=gram.device)
+    if bias:
+        reg[-1, -1] = 0  # the intercept is not shrunk
+    solution = torch.linalg.solve(gram.double() + reg, torch.cat([cross_k, cross_v], 1).double())  # (d', 2 kv)
+    kv = cross_k.shape[1]
+    w_k, w_v = solution[:, :kv].T.float(), solution[:, kv:].T.float()  # (kv, d')
+    hidden = d - 1 if bias else d
+    out = {"k_proj.weight": w_k[:, :hidden].contiguous(), "v_proj.weight": w_v[:, :hidden].contiguous(),
+           "kv_layernorm.weight": torch.ones(hidden)}
+    if bias:
+        out.update({"k_proj.bias": w_k[:, -1].contiguous(), "v_proj.bias": w_v[:, -1].contiguous()})
+    return out
+
+
+def with_kv(dense: CLAForCausalLM, config: CLAConfig, kv: dict[int, dict[str, torch.Tensor]]) -> CLAForCausalLM:
+    """The model of the sharing plan `config` whose producers' K/V maps are `kv` (producer -> tensors).
+
+    Every other tensor is `dense`'s own (shared, not copied): the result is cheap to build, and
+    changing it changes `dense`.
+    """
+    state = {name: t for name, t in dense.state_dict().items()
+             if not any(part in name for part in (".k_proj.", ".v_proj.", ".kv_layernorm."))}
+    dtype = dense.model.embed_tokens.weight.dtype
+    for producer, tensors in kv.items():
+        for name, tensor in tensors.items():
+            prefix = "" if name.startswith("kv_layernorm") else "self_attn."
+            state[f"model.layers.{producer}.{prefix}{name}"] = tensor.to(dtype)
+    model = _assemble(config, state)
+    model.generation_config = copy.deepcopy(dense.generation_config)
+    return model
+
+
+def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
+             calibration: torch.Tensor | None = None, batch_size: int = 4) -> CLAForCausalLM:
+    """The dense CLA model `dense` turned into the sharing plan `config`, each producer's K/V map
+    initialised from its group by `kv_init`:
+
+      fit:          least squares on calibration tokens: the producer's map, applied to its own input
+                    in the converted model, reproduces the mean of its group members' original K and V
+                    (fitted producer by producer, front to back, so each fit sees the inputs the layers
+                    before it really produce);
+      mean:         the group's projections, biases and norm scales each averaged (the paper's mean pooling);
+      mean-folded:  the mean of the group's maps W diag(g) (the KV-input norm becomes 1);
+      first:        the producer's own map (the paper's "drop": the other layers' K/V are discarded).
+
+    `calibration`: (B, T) token ids, needed by `fit`. Every tensor but the producers' K/V maps is
+    shared with `dense`.
+    """
+    if kv_init not in KV_INITS:
+        raise CrossLayerError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
+    if dense.config.num_producer_layers != dense.config.num_hidden_layers:
+        raise CrossLayerError(f"share_kv needs a dense model (every layer its own producer); this one has kv_sources "
+                              f"{dense.config.kv_sources}")
+    groups = kv_groups(config.kv_sources)
+    if kv_init != "fit":
+        return with_kv(dense, config, {p: pooled_kv(dense, members, kv_init) for p, members in groups.items()})
+    if calibration is None:
+        raise CrossLayerError("kv_init 'fit' needs calibration tokens (a (B, T) tensor of token ids)")
+    from .plan import Reference
+
+    reference = Reference(dense, calibration, batch_size=batch_size, keep_hidden=False, keep_logprobs=False)
+    return reference.fitted_model(config)
 # ----------------------------------------------------------------------------------------------
 # Folder to folder, atomically
 

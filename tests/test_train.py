@@ -238,12 +238,23 @@ def test_two_gloo_processes_match_one_and_resume_on_one(tmp_path, ptb, parallel)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (s1, a), (s2, b) in zip(losses(one), losses(two), strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
-    # checkpoints written by 2 processes resume on 1
+    # sharded checkpoints written by 2 processes resume on 1 ...
     moved = tmp_path / "moved"
     _run_until(torchrun + ["--out", str(moved)], moved, 3)
     proc = cli("train", str(path), "--out", str(moved))
     assert proc.returncode == 0, proc.stderr
+    assert "written by 2 process(es)" in proc.stderr
     for (s1, a), (s2, b) in zip(losses(one), losses(moved), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    if parallel == "ddp":
+        return
+    # ... and those of 1 process on 2 (sharded on load)
+    grown = tmp_path / "grown"
+    _run_until([sys.executable, "-m", "crosslayer", "train", str(path), "--out", str(grown)], grown, 3)
+    proc = run_group(torchrun + ["--out", str(grown)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 1 process(es)" in proc.stderr
+    for (s1, a), (s2, b) in zip(losses(one), losses(grown), strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
 
 
