@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from .errors import CrossLayerError
+from .recipe import read_yaml
 
 CLA_PATTERNS = ("uniform", "keep_ends", "dense_front", "dense_back")
 # rope types our rotary embedding reproduces exactly (tested against transformers' Llama, tests/test_convert.py)
@@ -417,7 +418,6 @@ def load_config(spec: str | dict[str, Any], **overrides: Any) -> CLAConfig:
     A transformers Llama config is read as its dense (CLA1) twin; `overrides` (e.g.
     `cla_factor=2`) then apply, so one can ask what CLA would do to an existing model.
     """
-    import json
     from pathlib import Path
 
     if isinstance(spec, dict):
@@ -430,27 +430,16 @@ def load_config(spec: str | dict[str, Any], **overrides: Any) -> CLAConfig:
             if "/" in str(spec) or str(spec).endswith((".json", ".yaml", ".yml")):
                 raise CrossLayerError(f"config file not found: {spec}")
             return CLAConfig.from_preset(str(spec), **overrides)
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                raw = yaml.safe_load(path.read_text()) or {}
-            else:
-                raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, ImportError) as e:
-            raise CrossLayerError(f"cannot read config {path}: {e}") from None
-        except Exception as e:  # yaml.YAMLError without importing yaml at module level
-            raise CrossLayerError(f"cannot parse {path}: {e}") from None
-        if not isinstance(raw, dict):
-            raise CrossLayerError(f"{path} must hold a mapping of config fields, got {type(raw).__name__}")
+        raw = read_yaml(path, "model config")  # JSON is YAML: config.json reads the same way
+        if not raw:
+            raise CrossLayerError(f"{path} holds no config fields")
     if "preset" in raw:
         base = preset_fields(raw.pop("preset"))
         raw = {**base, **raw}
     if raw.get("model_type", "crosslayer") != "crosslayer":
         raw = fields_from_hf(raw)
-    raw.pop("model_type", None)
-    raw.pop("architectures", None)
-    raw.pop("transformers_version", None)
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):  # bookkeeping, not model fields
+        raw.pop(key, None)
     unknown = set(raw) - set(CLAConfig.__dataclass_fields__) - _PASSTHROUGH
     if unknown:
         raise CrossLayerError(

@@ -8,6 +8,8 @@ wrong type each raise one CrossLayerError naming the key and what it takes.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,13 +21,32 @@ from .errors import CrossLayerError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); people write the former, and JSON does too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (or JSON) text -> Python values, with scientific notation read as floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path, what: str = "recipe") -> dict[str, Any]:
     """The mapping a YAML (or JSON) file holds; an empty file is an empty mapping."""
     path = Path(path)
     if not path.is_file():
         raise CrossLayerError(f"{what} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except json.JSONDecodeError as e:
+        raise CrossLayerError(f"{path} is not valid JSON: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise CrossLayerError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if raw is None:
@@ -45,7 +66,7 @@ def apply_sets(raw: dict[str, Any], sets: list[str] | tuple[str, ...]) -> dict[s
         if not sep or not key:
             raise CrossLayerError(f"--set expects key=value, got {item!r}")
         try:
-            parsed = yaml.safe_load(value) if value else None
+            parsed = load_yaml(value) if value else None
         except yaml.YAMLError:
             parsed = value
         parent, dot, child = key.partition(".")

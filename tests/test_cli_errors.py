@@ -108,6 +108,8 @@ CASES = [
     ("prepare text:{text} --out {nonempty}", "is not empty and holds no prepared dataset"),
     # kv, bench, sweep, plot
     ("kv no-such-preset", "unknown preset"),
+    ("kv {text}", "must hold a mapping of model config keys"),
+    ("kv {empty_prompts}", "holds no config fields"),
     ("kv tiny-H32-MQA --memory lots", "cannot read memory size"),
     ("kv", "give a preset name"),
     ("bench memory --batch-sizes 0", "argument --batch-sizes"),
