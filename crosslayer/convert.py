@@ -313,27 +313,38 @@ def pooled_kv(dense: CLAForCausalLM, members: list[int], kv_init: str) -> dict[s
     raise CrossLayerError(f"kv_init {kv_init!r} needs calibration data; calibration-free inits: mean, mean-folded, first")
 
 
-def least_squares_kv(gram: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, bias: bool,
-                     ridge: float = FIT_RIDGE) -> dict[str, torch.Tensor]:
-    """The K/V map that best reproduces targets in the least-squares sense, from sufficient statistics.
+def least_squares_kv(gram: torch.Tensor, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor],
+                     metric_k: list[torch.Tensor] | None = None, metric_v: list[torch.Tensor] | None = None,
+                     bias: bool = False, ridge: float = FIT_RIDGE) -> dict[str, torch.Tensor]:
+    """The K/V map of a producer that best reproduces each group member's original K and V, weighted.
 
-    With X (N, d') the producer's normalised inputs (a column of ones appended when `bias`) and T_k
-    (N, kv) the targets (the mean over the group of each member's original keys):
-    gram = X^T X (d', d'), cross_k = X^T T_k (d', kv), likewise cross_v. Solves
-    (X^T X + ridge * mean(diag) * I) W^T = X^T T in float64; the KV-input norm becomes 1.
+    With X (N, d') the producer's normalised inputs (a column of ones appended when `bias`) and K_j
+    (N, kv) member j's original keys, minimises sum_j tr((X W^T - K_j) M_j (X W^T - K_j)^T) over W,
+    likewise for values, from sufficient statistics: gram = X^T X (d', d'), cross_k[j] = X^T K_j
+    (d', kv), metric_k[j] = M_j (kv, kv; None: the identity, which fits the members' mean K). The
+    solution is W^T = (X^T X + ridge * mean(diag) * I)^-1 (sum_j X^T K_j M_j) (sum_j M_j)^-1, in float64.
+    Returns k/v weights (kv, d) (and biases), and a KV-input norm of ones.
     """
     d = gram.shape[0]
     reg = ridge * gram.diagonal().mean() * torch.eye(d, dtype=torch.float64, device=gram.device)
     if bias:
         reg[-1, -1] = 0  # the intercept is not shrunk
-    solution = torch.linalg.solve(gram.double() + reg, torch.cat([cross_k, cross_v], 1).double())  # (d', 2 kv)
-    kv = cross_k.shape[1]
-    w_k, w_v = solution[:, :kv].T.float(), solution[:, kv:].T.float()  # (kv, d')
+    system = gram.double() + reg
     hidden = d - 1 if bias else d
-    out = {"k_proj.weight": w_k[:, :hidden].contiguous(), "v_proj.weight": w_v[:, :hidden].contiguous(),
-           "kv_layernorm.weight": torch.ones(hidden)}
-    if bias:
-        out.update({"k_proj.bias": w_k[:, -1].contiguous(), "v_proj.bias": w_v[:, -1].contiguous()})
+    out = {"kv_layernorm.weight": torch.ones(hidden, device=gram.device)}
+    for name, cross, metric in (("k_proj", cross_k, metric_k), ("v_proj", cross_v, metric_v)):
+        if metric is None:
+            rhs, weight = torch.stack(cross).double().mean(0), None  # (d', kv)
+        else:
+            rhs = sum(c.double() @ m.double() for c, m in zip(cross, metric, strict=True))  # (d', kv)
+            weight = sum(m.double() for m in metric)  # (kv, kv)
+        w_t = torch.linalg.solve(system, rhs)  # (d', kv)
+        if weight is not None:
+            w_t = torch.linalg.solve(weight, w_t.T).T  # right-multiply by weight^-1 (weight is symmetric)
+        w = w_t.T.float()  # (kv, d')
+        out[f"{name}.weight"] = w[:, :hidden].contiguous()
+        if bias:
+            out[f"{name}.bias"] = w[:, -1].contiguous()
     return out
 
 

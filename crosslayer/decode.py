@@ -5,6 +5,12 @@ tensor each: consumer layers get no storage at all, so a CLA2 cache is half its 
 model's own forward writes into it through `update(k, v, layer_idx)` (the same call it makes on a
 transformers cache), so there is one forward pass, not a second copy of the model.
 
+The cache may store K/V in another dtype than the model computes in (`kv_dtype`): a 16-bit cache
+beside fp32 weights, or an 8-bit one (`int8`, `fp8`; values and scales, `crosslayer.quant`). The
+prompt (and any chunk fed at once) attends to itself in full precision and to earlier tokens as
+stored; a one-token decode step reads the 8-bit K/V as they are and dequantises them inside the
+attention. Consumers read their producer's K/V, so they read the same 8-bit values.
+
 `fast_generate` prefills the prompt in one forward, then decodes token by token with
   - a boolean key mask the loop keeps itself (left padding, then one slot per new token), so no
     mask is rebuilt per step;
@@ -14,10 +20,14 @@ transformers cache), so there is one forward pass, not a second copy of the mode
     `static=True`, the full fixed-size cache with the mask doing the rest, so every step has the
     same shapes and `torch.compile` (CUDA graphs on a GPU) can capture it.
 Greedy decoding equals transformers' `generate` over a dynamic cache token for token.
+
+`chunked_nll` scores a token stream through the same cache, a chunk at a time, so the quality of a
+quantised cache is measured where the cache is read.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,23 +38,33 @@ from transformers import AttentionInterface
 
 from .config import CLAConfig
 from .errors import CrossLayerError
+from .quant import GRANULARITIES, KV_FORMATS, SCALE_DTYPE, QuantizedKV, channel_scale, quantize
+from .runtime import DTYPES
 
 ATTENTION = "crosslayer_decode"
+KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
 
 
 def decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | QuantizedKV,
+    value: torch.Tensor | QuantizedKV,
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA that never repeats K/V. Mask: boolean, True = attend, broadcastable to (B, 1, T, S)."""
+    """SDPA that never repeats K/V. Mask: boolean, True = attend, broadcastable to (B, 1, T, S).
+    K/V may be 8-bit (`QuantizedKV`, from a quantised ProducerCache)."""
     B, H, T, hd = query.shape
-    Hkv = key.shape[1]
+    quantized = isinstance(key, QuantizedKV)
+    Hkv = key.values.shape[1] if quantized else key.shape[1]
+    if T == 1 and quantized:
+        q = query.view(B, Hkv, H // Hkv, hd)  # (B, Hkv, G, hd)
+        return _attend_8bit(q, key, value, attention_mask, scaling).reshape(B, 1, H, hd), None  # (B, T=1, H, hd)
+    if quantized:
+        key, value = key.dequantize(query.dtype), value.dequantize(query.dtype)
     if T == 1 and H != Hkv:  # one new token: the G query heads of a K/V head become G query rows
         q = query.view(B, Hkv, H // Hkv, hd)  # (B, Hkv, G, hd)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)  # (B, Hkv, G, hd)
@@ -54,55 +74,154 @@ def decode_attention(
     return out.transpose(1, 2), None  # (B, T, H, hd)
 
 
+def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Tensor | None,
+                 scaling: float) -> torch.Tensor:
+    """One-token attention over 8-bit K/V, dequantised on the way: the key scales multiply the scores
+    (per token) or the query (per channel), the value scales multiply the probabilities, so no
+    dequantised K or V tensor is formed. q (B, Hkv, G, hd) -> (B, Hkv, G, hd)."""
+    dtype = q.dtype
+    k_scale = key.scale.to(dtype)
+    if k_scale.shape[-1] == 1:  # per token: (B, Hkv, S, 1) -> (B, Hkv, 1, S), scales each score column
+        scores = torch.matmul(q, key.values.to(dtype).transpose(-1, -2)) * (k_scale.transpose(-1, -2) * scaling)
+    else:  # per channel: (B, Hkv, 1, hd) scales the query's channels
+        scores = torch.matmul(q * (k_scale * scaling), key.values.to(dtype).transpose(-1, -2))  # (B, Hkv, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)  # (B, Hkv, G, S)
+    v_scale = value.scale.to(dtype).transpose(-1, -2)  # (B, Hkv, 1, S)
+    return torch.matmul(probs * v_scale, value.values.to(dtype))  # (B, Hkv, G, hd)
+
+
 AttentionInterface.register(ATTENTION, decode_attention)
+
+
+def storage_dtype(kv_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a cache stores K/V in: the model's (`auto`/None), a float dtype, or an 8-bit format's."""
+    if kv_dtype in (None, "auto"):
+        return dtype
+    if kv_dtype in KV_FORMATS:
+        return KV_FORMATS[kv_dtype].dtype
+    if kv_dtype not in DTYPES:
+        raise CrossLayerError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+    return DTYPES[kv_dtype]
 
 
 class ProducerCache:
     """K/V of the producer layers only, preallocated for `batch` sequences of up to `max_len` tokens.
 
     `length` is the number of positions written (the same for every row: prompts are left-padded).
-    In static mode a decode step writes at `pos` (a one-element tensor the loop updates in place) and
-    returns the whole buffer; otherwise it writes and returns slices up to the current length.
+    `dtype` is what the model computes in; `kv_dtype` what K/V are stored as (`auto`: the same;
+    `fp32`, `bf16`, `fp16`; or 8-bit `int8` / `fp8` with float16 scales, one per token and K/V head,
+    or for keys with `k_granularity="channel"` one per channel, set by the first write).
+    Writing a chunk of T tokens returns what its attention reads: itself in full precision and the
+    earlier tokens as stored. Once `decoding` is set, a one-token step returns the stored K/V as
+    they are (`QuantizedKV` for 8-bit): in static mode it writes at `pos` (a one-element tensor the
+    loop updates in place) and returns the whole buffer; otherwise slices up to the current length.
     """
 
     is_compileable = True
 
     def __init__(self, config: CLAConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str, static: bool = False) -> None:
+                 device: torch.device | str, static: bool = False, kv_dtype: str | None = None,
+                 k_granularity: str = "token") -> None:
+        if k_granularity not in GRANULARITIES:
+            raise CrossLayerError(f"k_granularity must be one of {', '.join(GRANULARITIES)}; got {k_granularity!r}")
         producers = config.producer_layers
         self.slot = {layer: i for i, layer in enumerate(producers)}
-        shape = (len(producers), batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (P, B, Hkv, L, hd)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        P, Hkv, hd = len(producers), config.num_key_value_heads, config.head_dim
+        self.dtype = dtype
+        self.format = KV_FORMATS.get(kv_dtype) if kv_dtype else None
+        self.k_granularity = k_granularity if self.format else "token"
+        shape = (P, batch, Hkv, max_len, hd)
+        stored = storage_dtype(kv_dtype, dtype)
+        if stored == torch.float8_e4m3fn:
+            stored = torch.uint8  # fp8 values are stored as their bytes (see _stored)
+        self.keys = torch.zeros(shape, dtype=stored, device=device)  # (P, B, Hkv, L, hd)
+        self.values = torch.zeros(shape, dtype=stored, device=device)
+        self.key_scales = self.value_scales = None
+        tensors = [self.keys, self.values]
+        if self.format is not None:
+            k_scale_shape = (P, batch, Hkv, 1, hd) if self.k_granularity == "channel" else (P, batch, Hkv, max_len, 1)
+            self.key_scales = torch.zeros(k_scale_shape, dtype=SCALE_DTYPE, device=device)
+            self.value_scales = torch.zeros((P, batch, Hkv, max_len, 1), dtype=SCALE_DTYPE, device=device)
+            tensors += [self.key_scales, self.value_scales]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # key slots holding real tokens
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # static mode: the slot being written
-        for t in (self.keys, self.values, self.valid, self.pos):
+        for t in (*tensors, self.valid, self.pos):
             # fixed addresses: CUDA graphs may then capture the in-place writes instead of skipping the graph
             torch._dynamo.mark_static_address(t)
         self.batch, self.max_len, self.static = batch, max_len, static
         self.length = 0
-        self.decoding = False  # static mode: True once the prompt is in, so one-token steps write at `pos`
+        self.decoding = False  # True once the prompt is in: one-token steps read K/V as stored
 
     @property
     def layers(self) -> list:
-        """For `crosslayer.kv.cache_nbytes`: one entry holding every producer's K/V."""
+        """For `crosslayer.kv.cache_nbytes`: one entry holding every producer's K/V (and scales)."""
         return [self]
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts (the storage is kept)."""
+        self.length, self.decoding = 0, False
+        self.valid.zero_()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new K/V (B, Hkv, T, hd) of a producer; return everything it has (B, Hkv, S, hd)."""
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the new K/V (B, Hkv, T, hd) of a producer; return what its attention reads (B, Hkv, S, hd)."""
         s = self.slot[layer_idx]
-        keys, values = self.keys[s], self.values[s]  # (B, Hkv, L, hd)
         if self.static and self.decoding:
-            keys.index_copy_(2, self.pos, k)
-            values.index_copy_(2, self.pos, v)
-            return keys, values
+            self._write(s, k, v, self.pos)
+            return self._stored(s, self.max_len)
         start, T = self.length, k.shape[2]
-        keys[:, :, start:start + T] = k
-        values[:, :, start:start + T] = v
-        return keys[:, :, :start + T], values[:, :, :start + T]
+        self._write(s, k, v, slice(start, start + T))
+        if self.decoding or self.keys.dtype == self.dtype:  # stored exactly as computed: read it back
+            return self._stored(s, start + T)
+        if start == 0:
+            return k, v
+        past_k, past_v = self._stored(s, start)
+        if self.format is not None:
+            past_k, past_v = past_k.dequantize(self.dtype), past_v.dequantize(self.dtype)
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, start + T, hd)
+
+    def _write(self, s: int, k: torch.Tensor, v: torch.Tensor, where: slice | torch.Tensor) -> None:
+        """Write K/V (B, Hkv, T, hd) of producer slot s at `where` (a slice, or the index tensor `pos`)."""
+        if self.format is None:
+            self._put(self.keys[s], k.to(self.keys.dtype), where)
+            self._put(self.values[s], v.to(self.values.dtype), where)
+            return
+        if self.k_granularity == "channel":
+            if not self.decoding and self.length == 0:  # the prompt sets the channel scales
+                self.key_scales[s].copy_(channel_scale(k, self.format))
+            kq, _ = quantize(k, self.format, self.key_scales[s])
+        else:
+            kq, k_scale = quantize(k, self.format)  # (B, Hkv, T, hd), (B, Hkv, T, 1)
+            self._put(self.key_scales[s], k_scale, where)
+        vq, v_scale = quantize(v, self.format)
+        self._put(self.keys[s], kq, where)
+        self._put(self.values[s], vq, where)
+        self._put(self.value_scales[s], v_scale, where)
+
+    @staticmethod
+    def _put(buffer: torch.Tensor, x: torch.Tensor, where: slice | torch.Tensor) -> None:
+        if x.dtype == torch.float8_e4m3fn:  # stored as its bytes (see _stored)
+            x = x.view(torch.uint8)
+        if isinstance(where, slice):
+            buffer[:, :, where] = x
+        else:
+            buffer.index_copy_(2, where, x)
+
+    def _stored(self, s: int, end: int):
+        """K and V of producer slot s at positions [0, end) as stored: tensors in the model's dtype
+        (views when stored in it), or `QuantizedKV`."""
+        keys, values = self.keys[s][:, :, :end], self.values[s][:, :, :end]  # (B, Hkv, end, hd)
+        if self.format is None:
+            return keys.to(self.dtype), values.to(self.dtype)
+        if self.format.dtype == torch.float8_e4m3fn:
+            # fp8 is kept as bytes: torch has no CPU index_copy for it, and inductor compiles uint8 writes
+            keys, values = keys.view(self.format.dtype), values.view(self.format.dtype)
+        k_scale = self.key_scales[s] if self.k_granularity == "channel" else self.key_scales[s][:, :, :end]
+        return QuantizedKV(keys, k_scale), QuantizedKV(values, self.value_scales[s][:, :, :end])
 
 
 @contextmanager
@@ -149,6 +268,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_model(model: torch.nn.Module) -> None:
+    from .modeling import CLAForCausalLM
+
+    if not isinstance(model, CLAForCausalLM):
+        raise CrossLayerError(f"the fast decoding path needs a crosslayer model, got {type(model).__name__}; "
+                              "convert a Llama-family checkpoint first (crosslayer.convert.from_hf)")
+
+
 @torch.no_grad()
 def fast_generate(
     model: torch.nn.Module,
@@ -165,15 +292,14 @@ def fast_generate(
     compile: bool = False,
     streamer=None,
     cache: ProducerCache | None = None,
+    kv_dtype: str | None = None,
+    k_granularity: str = "token",
 ) -> Generation:
     """Decode up to `max_new_tokens` after left-padded prompts `input_ids` (B, T) with `attention_mask`
     (1 = token, 0 = padding). `compile=True` compiles the decode step (implies static shapes; CUDA
-    graphs on a GPU). Rows that reach an EOS id are padded from then on; all finished -> stop."""
-    from .modeling import CLAForCausalLM
-
-    if not isinstance(model, CLAForCausalLM):
-        raise CrossLayerError(f"the fast decoding path needs a crosslayer model, got {type(model).__name__}; "
-                              "convert a Llama-family checkpoint first (crosslayer.convert.from_hf)")
+    graphs on a GPU). `kv_dtype`: how the cache stores K/V (`ProducerCache`; default the model's dtype).
+    Rows that reach an EOS id are padded from then on; all finished -> stop."""
+    _check_model(model)
     if max_new_tokens < 1:
         raise CrossLayerError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B, T = input_ids.shape
@@ -181,12 +307,12 @@ def fast_generate(
     dtype = next(model.parameters()).dtype
     static = static or compile
     if cache is None:
-        cache = ProducerCache(model.config, B, T + max_new_tokens, dtype, device, static=static)
+        cache = ProducerCache(model.config, B, T + max_new_tokens, dtype, device, static=static, kv_dtype=kv_dtype,
+                              k_granularity=k_granularity)
     elif cache.batch != B or cache.max_len < T + max_new_tokens or cache.static != static:
         raise CrossLayerError(f"cache is for batch {cache.batch} x {cache.max_len} tokens (static={cache.static}); "
                               f"need {B} x {T + max_new_tokens} (static={static})")
-    cache.length, cache.decoding = 0, False
-    cache.valid.zero_()
+    cache.reset()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
@@ -246,3 +372,50 @@ def fast_generate(
     sequences = torch.cat(tokens, dim=1)  # (B, T + new)
     decode = times[-1] - times[0] if len(times) > 1 else 0.0
     return Generation(sequences, cache, prefill_seconds=times[0], decode_seconds=decode, step_times=times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring text through the cache
+
+
+@torch.no_grad()
+def chunked_nll(model: torch.nn.Module, stream: torch.Tensor, segment: int, chunk: int, kv_dtype: str | None = None,
+                k_granularity: str = "token", batch_size: int = 8, progress=None) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods (nats) over `stream` and the number of tokens scored.
+
+    The stream is cut into segments of `segment` tokens (independent sequences, batched); each is fed
+    through a `ProducerCache` storing `kv_dtype`, `chunk` tokens at a time, so chunk j attends to the
+    cache's K/V of chunks 0..j-1 as stored (quantised) and to itself in full precision. Every token
+    of a segment but its first is scored. `progress`: called with the number of segments done."""
+    _check_model(model)
+    if segment < 2 or chunk < 1:
+        raise CrossLayerError(f"need segment >= 2 and chunk >= 1, got segment {segment}, chunk {chunk}")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n = len(stream) // segment * segment
+    if n == 0:
+        raise CrossLayerError(f"the stream has {len(stream)} tokens, fewer than one segment of {segment}")
+    rows = stream[:n].view(-1, segment)  # (segments, segment)
+    total, count = 0.0, 0
+    with attention_implementation(model, ATTENTION):
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first:first + batch_size].to(device)  # (B, segment)
+            cache = ProducerCache(model.config, len(batch), segment, dtype, device, kv_dtype=kv_dtype,
+                                  k_granularity=k_granularity)
+            for start in range(0, segment, chunk):
+                ids = batch[:, start:start + chunk]  # (B, c)
+                c = ids.shape[1]
+                positions = torch.arange(start, start + c, device=device)[None]  # (1, c)
+                mask = torch.ones(c, start + c, dtype=torch.bool, device=device).tril(start)[None, None]  # (1, 1, c, S)
+                logits = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
+                               use_cache=True).logits.float()  # (B, c, V)
+                cache.length = start + c
+                targets = batch[:, start + 1:start + c + 1]  # the segment's last token predicts nothing
+                logprobs = torch.log_softmax(logits[:, :targets.shape[1]], dim=-1)
+                total -= logprobs.gather(-1, targets.unsqueeze(-1)).double().sum().item()
+                count += targets.numel()
+            if progress is not None:
+                progress(len(batch))
+    if not math.isfinite(total):
+        raise CrossLayerError("the negative log-likelihood is not finite")
+    return total, count

@@ -1,4 +1,8 @@
-"""KV-cache arithmetic: bytes per token, capacity planning, and the bytes a live cache really holds."""
+"""KV-cache arithmetic: bytes per token, capacity planning, and the bytes a live cache really holds.
+
+KV dtypes: 32- and 16-bit floats, and the 8-bit formats of `crosslayer.quant` (int8, fp8), which
+store one float16 scale per token, K/V head and K or V beside the 8-bit values; their scales count.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from .config import CLAConfig
 from .errors import CrossLayerError
+from .quant import KV_FORMATS, SCALE_BYTES
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
@@ -16,19 +21,57 @@ _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
 
 
 def cache_nbytes(cache: Any) -> int:
-    """Bytes of K/V tensors a live cache holds (a transformers `Cache`, or any object with
-    `.layers` whose entries have `.keys`/`.values`). Tensors shared between layers count once."""
+    """Bytes of K/V a live cache holds, scales and quantised states included: a transformers `Cache`
+    (quantized ones too) or our `ProducerCache`. Tensors sharing storage count once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if not isinstance(t, torch.Tensor) or t.numel() == 0:
-                continue
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
+        for name in _KV_FIELDS:
+            for t in _tensors(getattr(layer, name, None)):
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if storage.nbytes() and key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
     return total
+
+
+# where caches keep K/V: transformers' layers and ours (keys, values; 8-bit scales), transformers'
+# quantized layers (quantised states; `keys`/`values` then hold the unquantised residual)
+_KV_FIELDS = ("keys", "values", "key_scales", "value_scales", "_quantized_keys", "_quantized_values")
+
+
+def _tensors(obj: Any):
+    """Every plain tensor inside obj: tensors, tensor subclasses that wrap others (quanto's), and
+    tuples, lists and dicts of them (HQQ's and fp8's (values, metadata) pairs)."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            for name in names:
+                yield from _tensors(getattr(obj, name))
+        else:
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def kv_bytes_per_token(config: CLAConfig, kv_dtype: str = "bf16") -> int:
+    """Bytes cached per token: K and V of every producer layer in `kv_dtype`; for the 8-bit formats
+    plus their scales (one float16 per token, K/V head, and K or V)."""
+    if kv_dtype not in DTYPE_BYTES:
+        raise CrossLayerError(f"kv_dtype must be one of {', '.join(DTYPE_BYTES)}; got {kv_dtype!r}")
+    return int(config.kv_bytes_per_token(DTYPE_BYTES[kv_dtype])) + kv_scale_bytes_per_token(config, kv_dtype)
+
+
+def kv_scale_bytes_per_token(config: CLAConfig, kv_dtype: str) -> int:
+    """The scales' share of `kv_bytes_per_token` (0 for float dtypes)."""
+    if kv_dtype not in KV_FORMATS:
+        return 0
+    return 2 * config.num_key_value_heads * config.num_producer_layers * SCALE_BYTES
 
 
 def parse_bytes(text: str) -> int:
@@ -46,17 +89,18 @@ def plan(
     kv_dtype: str = "bf16",
     weight_dtype: str = "bf16",
 ) -> dict[str, Any]:
-    """KV bytes per token and per sequence, and how many sequences of `seq_len` fit in
-    `memory_bytes` beside the weights (ignoring activations and allocator overhead)."""
+    """KV bytes per token (scales included) and per sequence, and how many sequences of `seq_len` fit
+    in `memory_bytes` beside the weights (ignoring activations and allocator overhead)."""
     for name, d in (("kv_dtype", kv_dtype), ("weight_dtype", weight_dtype)):
         if d not in DTYPE_BYTES:
             raise CrossLayerError(f"{name} must be one of {', '.join(DTYPE_BYTES)}; got {d!r}")
     if seq_len < 1:
         raise CrossLayerError(f"seq_len must be >= 1, got {seq_len}")
-    per_token = config.kv_bytes_per_token(DTYPE_BYTES[kv_dtype])
+    per_token = kv_bytes_per_token(config, kv_dtype)
     params = config.num_parameters()
     out: dict[str, Any] = {
         "kv_bytes_per_token": per_token,
+        "kv_scale_bytes_per_token": kv_scale_bytes_per_token(config, kv_dtype),
         "kv_bytes_per_token_16bit": config.kv_bytes_per_token(2),
         "kv_dtype": kv_dtype,
         "producer_layers": config.num_producer_layers,
