@@ -42,6 +42,7 @@ from .quant import GRANULARITIES, KV_FORMATS, SCALE_DTYPE, QuantizedKV, channel_
 from .runtime import DTYPES
 
 ATTENTION = "crosslayer_decode"
+DEQUANT_BLOCK_BYTES = 8 << 20  # at most this much 8-bit K (or V) is cast to the compute dtype at once
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
 
 
@@ -77,8 +78,16 @@ def decode_attention(
 def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Tensor | None,
                  scaling: float) -> torch.Tensor:
     """One-token attention over 8-bit K/V, dequantised on the way: the key scales multiply the scores
-    (per token) or the query (per channel), the value scales multiply the probabilities, so no
-    dequantised K or V tensor is formed. q (B, Hkv, G, hd) -> (B, Hkv, G, hd)."""
+    (per token) or the query (per channel), the value scales multiply the probabilities; only the 8-bit
+    values are cast, a block of rows at a time, so the transient copy stays under `DEQUANT_BLOCK_BYTES`.
+    q (B, Hkv, G, hd) -> (B, Hkv, G, hd)."""
+    B, Hkv, S, hd = key.values.shape
+    rows = max(1, DEQUANT_BLOCK_BYTES // (Hkv * S * hd * q.element_size()))
+    if rows < B:
+        return torch.cat([
+            _attend_8bit(q[i:i + rows], QuantizedKV(*(t[i:i + rows] for t in key)),
+                         QuantizedKV(*(t[i:i + rows] for t in value)), None if mask is None else mask[i:i + rows],
+                         scaling) for i in range(0, B, rows)])
     dtype = q.dtype
     k_scale = key.scale.to(dtype)
     if k_scale.shape[-1] == 1:  # per token: (B, Hkv, S, 1) -> (B, Hkv, 1, S), scales each score column
@@ -166,6 +175,17 @@ class ProducerCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    def next_slot(self, masked: bool) -> torch.Tensor | None:
+        """Open slot `length` for a one-token step and return that step's boolean key mask: the whole
+        buffer's (B, 1, 1, L) in static mode, else up to the slot, or None where nothing is masked.
+        The caller advances `length` after the step."""
+        s = self.length
+        self.valid[:, s] = True
+        if self.static:
+            self.pos.fill_(s)
+            return self.valid[:, None, None, :]  # (B, 1, 1, L): unwritten slots are False
+        return self.valid[:, None, None, :s + 1] if masked else None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new K/V (B, Hkv, T, hd) of a producer; return what its attention reads (B, Hkv, S, hd)."""
@@ -276,6 +296,20 @@ def _check_model(model: torch.nn.Module) -> None:
                               "convert a Llama-family checkpoint first (crosslayer.convert.from_hf)")
 
 
+def last_logits(model: torch.nn.Module, cache: ProducerCache, ids: torch.Tensor, position_ids: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits (B, V) of the last position after feeding `ids` (B, T) through the model into `cache`;
+    run it under `attention_implementation(model, ATTENTION)`."""
+    out = model(input_ids=ids, position_ids=position_ids, attention_mask=mask, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def compiled(step, device: torch.device):
+    """`torch.compile` of a decode step: whole graph; CUDA graphs on a GPU."""
+    return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
+
+
 @torch.no_grad()
 def fast_generate(
     model: torch.nn.Module,
@@ -320,12 +354,9 @@ def fast_generate(
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
 
     def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        out = model(input_ids=ids, position_ids=position_ids, attention_mask=mask, cache=cache, use_cache=True,
-                    logits_to_keep=1)
-        return out.logits[:, -1]  # (B, V)
+        return last_logits(model, cache, ids, position_ids, mask)
 
-    step = torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True) \
-        if compile else forward
+    step = compiled(forward, device) if compile else forward
 
     with attention_implementation(model, ATTENTION):
         _sync(device)
@@ -357,15 +388,9 @@ def fast_generate(
                 streamer.put(tok.cpu())
             if i == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
                 break
-            s = cache.length
-            cache.valid[:, s] = True
-            if cache.static:
-                cache.pos.fill_(s)
-                mask = cache.valid[:, None, None, :]  # (B, 1, 1, L): unwritten slots are False
-            else:
-                mask = cache.valid[:, None, None, :s + 1] if padded else None
+            mask = cache.next_slot(masked=padded)
             logits = step(tok[:, None], next_pos, mask)
-            cache.length = s + 1
+            cache.length += 1
             next_pos = next_pos + 1
         if streamer is not None:
             streamer.end()

@@ -2,9 +2,16 @@
 
 A conversion changes only the producers' K/V projections (and their KV-input norms); every other
 weight is the original model's. Recovery can therefore train only what changed (`trainable: kv`),
-optionally with the consumers' query and output projections (`kv+qo`), and learn from the original
-model itself instead of from the data alone:
-  logits  the KL divergence from the original model's next-token distribution (`teacher`) to ours.
+optionally with the query and output projections of every layer that shares K/V (`kv+qo`), and
+learn from the original model itself (`teacher`) instead of from the data alone:
+  lm         next-token cross-entropy on the data (the trainer's own loss; no teacher);
+  logits     the KL divergence from the teacher's next-token distribution to ours (through the whole
+             model and its output layer);
+  attention  layer-local: every layer that shares K/V gets the teacher's hidden state at its input
+             and learns to reproduce the teacher's attention output there (relative squared error,
+             averaged over those layers). Only the attention of those layers runs with gradients:
+             no MLP, no output layer, nothing backpropagated from one layer into another, so a step
+             costs a teacher forward pass and a fraction of a student's.
 The trainer (`crosslayer train`) runs these like any training: progress, checkpoints, resume.
 """
 
@@ -15,9 +22,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from .errors import CrossLayerError
+from .modeling import SharedKV
 
 TRAINABLE = ("all", "kv", "kv+qo")
-OBJECTIVES = ("lm", "logits")
+OBJECTIVES = ("lm", "logits", "attention")
 
 
 def shared_groups(config) -> dict[int, list[int]]:
@@ -70,8 +81,77 @@ def logit_distillation(teacher: nn.Module, temperature: float = 1.0) -> Callable
     return loss
 
 
+@torch.no_grad()
+def teacher_attention(teacher: nn.Module, inputs: torch.Tensor, layers: list[int]) -> dict[int, tuple]:
+    """layer -> (its input hidden state, its attention output), each (B, T, d), of the teacher on `inputs`.
+
+    Read with hooks on `model.layers[i]` and `model.layers[i].self_attn`, which Llama-family and
+    crosslayer models share; the base model runs, not the output layer.
+    """
+    inputs_at: dict[int, torch.Tensor] = {}
+    outputs_at: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def grab_input(i):
+        def hook(module, args, kwargs):
+            inputs_at[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def grab_output(i):
+        def hook(module, args, output):
+            outputs_at[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    for i in layers:
+        layer = teacher.model.layers[i]
+        handles.append(layer.register_forward_pre_hook(grab_input(i), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(grab_output(i)))
+    try:
+        teacher.model(input_ids=inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: (inputs_at[i], outputs_at[i]) for i in layers}
+
+
+def attention_distillation(teacher: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """loss(student, batch): layer-local distillation of the attention of every layer that shares K/V
+    (module docstring). The student runs group by group, each producer first, on the teacher's hidden
+    states; the loss is the mean over those layers of |a_student - a_teacher|^2 / |a_teacher|^2."""
+
+    def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        model = getattr(student, "module", student)  # unwrapped (DDP); the layers are called one by one
+        config = model.config
+        shared = [i for members in shared_groups(config).values() if len(members) > 1 for i in members]
+        if not shared:
+            raise CrossLayerError("objective 'attention' needs a model that shares K/V (every layer is its own "
+                                  "producer here); use lm or logits")
+        inputs = batch[:, :-1]
+        targets = teacher_attention(teacher, inputs, shared)
+        position_ids = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0)  # (1, T)
+        first = targets[shared[0]][0]
+        mask = create_causal_mask(config=config, inputs_embeds=first, attention_mask=None, cache=None,
+                                  position_ids=position_ids)
+        position_embeddings = model.model.rotary_emb(first, position_ids)
+        kv = SharedKV()
+        total = first.new_zeros(())
+        for i in sorted(shared):  # producers come before their consumers
+            hidden, target = targets[i]
+            layer = model.model.layers[i]
+            # the attention half of CLADecoderLayer.forward: one normalisation, two scales
+            normed = layer.input_layernorm.normalize(hidden)
+            kv_input = layer.kv_layernorm.weight * normed if layer.self_attn.is_producer else None
+            out, _ = layer.self_attn(layer.input_layernorm.weight * normed, kv_input, position_embeddings, mask, kv)
+            total = total + (out.float() - target.float()).pow(2).sum() / target.float().pow(2).sum()
+        return total / len(shared)
+
+    return loss
+
+
 def build_objective(name: str, teacher: nn.Module | None, cfg) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """The training loss of a recipe's `objective` (not `lm`, which the trainer computes itself)."""
     if name == "logits":
         return logit_distillation(teacher, cfg.distill_temperature)
+    if name == "attention":
+        return attention_distillation(teacher)
     raise ValueError(f"no objective {name!r}")

@@ -63,8 +63,6 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, cli):
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr, args
 
 
-def test_console_entry_point_reports_errors_without_traceback():
-    proc = run_cli("kv", "no-such-preset")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown preset" in proc.stderr
-    proc = run_cli("kv", "1b-H128-MQA-CLA2", "--json")
+def test_console_entry_point_runs():
+    proc = run_cli("kv", "1b-H128-MQA-CLA2", "--json")  # the installed console command, in a process of its own
     assert proc.returncode == 0 and last_json(proc.stdout)["kv_bytes_per_token"] == 5120

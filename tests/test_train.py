@@ -214,15 +214,17 @@ def test_bad_recipe_keys_and_values_are_rejected(tmp_path, sets, message):
         train_mod.build_model_config(cfg, {"vocab_size": 100})
 
 
-def test_cli_rejects_bad_yaml_and_mismatched_resume(tmp_path, ptb):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed\n")
-    proc = cli("train", str(bad))
-    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+def test_resuming_with_other_settings_is_refused_and_the_run_kept(tmp_path, ptb, capsys):
+    from crosslayer.__main__ import main
+
     path = recipe(tmp_path, ptb, max_steps=2, checkpoint_every=2)
-    assert cli("train", str(path)).returncode == 0
-    proc = cli("train", str(path), "--set", "lr=1e-3")
-    assert proc.returncode == 2 and "different lr" in proc.stderr
+    assert main(["train", str(path), "--no-progress"]) == 0
+    kept = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", str(path), "--set", "lr=1e-3", "--set", "seed=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds a run with different lr, seed" in err
+    assert {p: p.read_bytes() for p in kept} == kept
 
 
 @pytest.mark.slow

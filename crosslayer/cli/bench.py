@@ -31,14 +31,19 @@ def _device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto") -> No
 
 def _register_memory(sub) -> None:
     from ..bench import memory
+    from ..decode import KV_DTYPES
 
-    p = sub.add_parser("memory", help="KV bytes analytic vs measured; largest batch in a budget",
+    p = sub.add_parser("memory", help="KV bytes analytic vs measured; largest batch in a budget and its decode speed",
                        description=memory.__doc__)
     p.add_argument("--presets", type=name_list, default=["small-H64-MHA", "small-H64-GQA2", "small-H64-MQA",
                                                          "small-H64-MQA-CLA2"], help="models (random weights)")
+    p.add_argument("--kv-dtypes", type=name_list, default=["auto"],
+                   help=f"cache dtypes, of {', '.join(KV_DTYPES)} (auto: the weights' dtype)")
     p.add_argument("--batch-sizes", type=int_list, default=[1, 4], help="batches to fill the cache with")
     p.add_argument("--context-lengths", type=int_list, default=[128, 512], help="tokens per sequence")
     p.add_argument("--budget", default=None, metavar="SIZE", help="memory budget for the largest-batch search, e.g. 256MiB")
+    p.add_argument("--decode-tokens", type=non_negative_int, default=0,
+                   help="with --budget: decode this many tokens at each largest batch and report tokens/s (0: no)")
     _device_flags(p, "bf16")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the KV-vs-context plot here")
     add_json_flags(p)
@@ -47,21 +52,29 @@ def _register_memory(sub) -> None:
 
 def run_memory(args: argparse.Namespace) -> int:
     from ..bench.memory import plot, run_memory
+    from ..errors import CrossLayerError
     from ..kv import parse_bytes
     from ..runtime import pick_device
 
     budget = parse_bytes(args.budget) if args.budget else None
+    if args.decode_tokens and budget is None:
+        raise CrossLayerError("--decode-tokens decodes at the largest batch within --budget: give --budget too")
     result = run_memory(args.presets, args.batch_sizes, args.context_lengths, budget, args.dtype,
-                        pick_device(args.device))
-    print(f"{'preset':22s} {'batch':>5s} {'context':>7s} {'analytic KV':>13s} {'measured KV':>13s} {'allocated':>13s}")
+                        pick_device(args.device), args.kv_dtypes, args.decode_tokens)
+    print(f"{'preset':22s} {'KV dtype':>8s} {'batch':>5s} {'context':>7s} {'analytic KV':>13s} {'measured KV':>13s}")
     for r in result["rows"]:
-        print(f"{r['preset']:22s} {r['batch']:>5d} {r['context']:>7d} {r['analytic_bytes']:>13,} "
-              f"{r['measured_bytes']:>13,} {r.get('allocated_bytes', 0):>13,}")
+        print(f"{r['preset']:22s} {r['kv_dtype']:>8s} {r['batch']:>5d} {r['context']:>7d} {r['analytic_bytes']:>13,} "
+              f"{r['measured_bytes']:>13,}")
     if result["capacity"]:
-        print(f"\nlargest batch within {args.budget}:")
-        print(f"{'preset':22s} {'context':>7s} {'found':>7s} {'analytic':>8s}")
+        print(f"\nlargest batch within {args.budget} (weights, cache and one decode step, allocated):")
+        print(f"{'preset':22s} {'KV dtype':>8s} {'context':>7s} {'found':>7s} {'analytic':>8s} {'allocated':>13s}"
+              + (f" {'decode tok/s':>12s}" if args.decode_tokens else ""))
         for c in result["capacity"]:
-            print(f"{c['preset']:22s} {c['context']:>7d} {c['largest_batch']:>7d} {c['analytic_largest_batch']:>8d}")
+            line = (f"{c['preset']:22s} {c['kv_dtype']:>8s} {c['context']:>7d} {c['largest_batch']:>7d} "
+                    f"{c['analytic_largest_batch']:>8d} {c.get('allocated_bytes', 0):>13,}")
+            if args.decode_tokens:
+                line += f" {c.get('decode_tokens_per_s', 0):>12,.1f}"
+            print(line)
     if args.plot:
         plot(result, args.presets, args.plot)
     return emit(result, args)
