@@ -371,10 +371,10 @@ def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
     """The dense CLA model `dense` turned into the sharing plan `config`, each producer's K/V map
     initialised from its group by `kv_init`:
 
-      fit:          least squares on calibration tokens: the producer's map, applied to its own input
-                    in the converted model, reproduces the mean of its group members' original K and V
-                    (fitted producer by producer, front to back, so each fit sees the inputs the layers
-                    before it really produce);
+      fit:          least squares on calibration tokens (the original model's activations): the
+                    producer's map, applied to its own input, reproduces each group member's K and V,
+                    key errors weighted by what that member's queries see of them (rotary offsets
+                    averaged), value errors by what its o_proj passes on (plan.Reference.fit);
       mean:         the group's projections, biases and norm scales each averaged (the paper's mean pooling);
       mean-folded:  the mean of the group's maps W diag(g) (the KV-input norm becomes 1);
       first:        the producer's own map (the paper's "drop": the other layers' K/V are discarded).
@@ -394,8 +394,7 @@ def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
         raise CrossLayerError("kv_init 'fit' needs calibration tokens (a (B, T) tensor of token ids)")
     from .plan import Reference
 
-    reference = Reference(dense, calibration, batch_size=batch_size, keep_hidden=False, keep_logprobs=False)
-    return reference.fitted_model(config)
+    return Reference(dense, calibration, batch_size=batch_size, keep_logprobs=False).model(config)
 # ----------------------------------------------------------------------------------------------
 # Folder to folder, atomically
 

@@ -2,8 +2,9 @@
 
 `generate_texts` tokenises prompts as a left-padded batch, decodes (greedy or temperature / top-k /
 top-p sampling), and returns the continuations with timing and the KV-cache bytes held. Our models
-decode through `crosslayer.decode.fast_generate` (a preallocated cache of producer layers only);
-any other causal LM, or `cache="dynamic" | "static"`, goes through transformers' `generate`.
+decode through `crosslayer.decode.fast_generate` (a preallocated cache of producer layers only, in
+the weights' dtype or `kv_dtype`: 16-bit, or 8-bit int8 / fp8 with scales); any other causal LM, or
+`cache="dynamic" | "static"`, goes through transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-from .decode import fast_generate
+from .decode import KV_DTYPES, fast_generate
 from .errors import CrossLayerError
 from .kv import cache_nbytes
 from .modeling import CLAForCausalLM
@@ -22,12 +23,15 @@ CACHES = ("auto", "fast", "dynamic", "static")
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
                    top_k: int | None = 50, top_p: float | None = 0.95, seed: int | None = None,
-                   cache: str = "auto", stream: bool = False, compile: bool = False, chat: bool = False) -> dict:
+                   cache: str = "auto", stream: bool = False, compile: bool = False, chat: bool = False,
+                   kv_dtype: str = "auto") -> dict:
     """Completions of `prompts` (continuations only) with timing and the cache's bytes.
 
     cache: `fast` (our decode path; CLA models only), `dynamic` or `static` (transformers' generate),
-    `auto` (fast for our models, dynamic otherwise). chat: each prompt becomes a user turn of the
-    tokenizer's chat template. The tokenizer is not changed (padding is done here, on the left)."""
+    `auto` (fast for our models, dynamic otherwise). kv_dtype: what the fast path's cache stores K/V as
+    (`auto`: the weights' dtype; fp32, bf16, fp16; int8 or fp8 with scales). chat: each prompt becomes a
+    user turn of the tokenizer's chat template. The tokenizer is not changed (padding is done here, on
+    the left)."""
     if not prompts or any(not p for p in prompts):
         raise CrossLayerError("give at least one non-empty prompt")
     if temperature < 0:
@@ -44,6 +48,10 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         cache = "fast" if isinstance(model, CLAForCausalLM) else "dynamic"
     if compile and cache != "fast":
         raise CrossLayerError("--compile applies to the fast path (--cache fast, crosslayer models)")
+    if kv_dtype not in KV_DTYPES:
+        raise CrossLayerError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+    if kv_dtype != "auto" and cache != "fast":
+        raise CrossLayerError("--kv-dtype applies to the fast path (--cache fast, crosslayer models)")
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -67,7 +75,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         out = fast_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=None if greedy else top_k, top_p=None if greedy else top_p,
                             eos_token_id=eos, pad_token_id=pad, generator=generator,
-                            compile=compile, streamer=streamer)
+                            compile=compile, streamer=streamer, kv_dtype=kv_dtype)
     else:
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
                       streamer=streamer)

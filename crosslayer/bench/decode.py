@@ -1,36 +1,51 @@
-"""Decode speed: prefill latency and decode tokens/s, ours against transformers' `generate`.
+"""Decode speed: prefill latency and decode tokens/s, ours against transformers' `generate`, eager and
+compiled, and vLLM's CPU engine as a reference.
 
-One transformers `LlamaForCausalLM` of the CLA1 shape is built with random weights; our CLA1 twin
-is its exact copy (`from_hf`, factor 1) and the CLA model under test is its conversion with the
-preset's sharing (K/V mean-pooled), so all three have the same shape and nearly the same weights.
-For each batch size, every runner decodes the same random prompts greedily for a fixed number of
-tokens (no early stop): warm-up, then `--repeats` rounds with the runners interleaved; medians.
-  - transformers: `generate()` over its default dynamic cache (what users run today);
-  - ours, `eager`: `crosslayer.decode.fast_generate` (producer-only preallocated cache);
-  - ours, `compiled`: the same with the decode step under `torch.compile` (fixed shapes).
+Models: one transformers `LlamaForCausalLM` of the CLA1 shape, with random weights of a preset's
+shape or a real checkpoint (`model`: a Llama-family folder or GGUF file, e.g. SmolLM2-135M); our CLA1
+twin, its exact copy (`from_hf`, factor 1); and the CLA model, its conversion with the preset's
+sharing (or `cla_factor` for a checkpoint; K/V mean-pooled). For each batch size every runner
+decodes the same random prompts greedily for a fixed number of tokens (no early stop): warm-up, then
+`repeats` rounds with the runners interleaved; medians.
+  - transformers `generate`: eager, over its default dynamic cache (what users run by default);
+  - transformers `static-compiled`: `generate(cache_implementation="static")` with its own compiled
+    forward for the decode steps (`CompileConfig()` defaults; the path transformers documents for
+    speed; on a CPU `generate` compiles only when told to, `CompileConfig._compile_all_devices`);
+  - ours `eager` / `compiled`: `crosslayer.decode.fast_generate` (producer-only preallocated cache;
+    `compiled` puts the decode step under `torch.compile`), for each KV dtype asked (e.g. `int8`);
+  - vLLM (with `vllm_python`, a Python that has vLLM): its offline engine on the same Llama, in
+    that Python (`scripts/vllm_decode_reference.py`); end-to-end tokens/s only.
 Times come from a streamer that stamps each new token, so prefill latency (prompt in, first token
-out) and decode tokens/s (after the first token) are separated inside one call, the same way for all.
+out), decode tokens/s (after the first token) and end-to-end tokens/s (all new tokens over the
+whole call, prefill included) are separated inside one call, the same way for all.
 
 Beside each figure: the roofline, i.e. bytes one decode step must read (weights + the K/V of every
-producer layer at the mean context) over the memory bandwidth measured here (best of several
-copies of a large buffer, bytes read + written); `bw_util` = measured / roofline tokens/s.
-Prints a table, then one JSON line.
+producer layer at the mean context, in the cache's dtype with its scales) over the memory bandwidth
+measured here (best of several copies of a large buffer, bytes read + written); `bw_util` = measured
+/ roofline tokens/s. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ..config import CLAConfig, to_llama_config
-from ..convert import from_hf
+from ..convert import from_hf, load_source
 from ..decode import fast_generate
 from ..errors import CrossLayerError
+from ..kv import kv_bytes_per_token
 from ..runtime import device_name, sync
-from .memory import weight_bytes
+from .memory import kv_dtype_name, weight_bytes
+
+TRANSFORMERS_PATHS = ("generate", "static-compiled")
+VLLM_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_decode_reference.py"
 
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
@@ -49,14 +64,15 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
     return 2 * nbytes / best
 
 
-def bytes_per_decode_step(model: torch.nn.Module, config: CLAConfig, batch: int, context: int) -> int:
+def bytes_per_decode_step(model: torch.nn.Module, config: CLAConfig, batch: int, context: int,
+                          kv_dtype: str = "auto") -> int:
     """What one decode step must read: every weight matrix (an untied input embedding only for the
-    batch's rows) and the cached K/V of every producer layer for `context` tokens."""
-    element = next(model.parameters()).element_size()
+    batch's rows) and the cached K/V (with scales, for 8-bit) of every producer layer for `context` tokens."""
+    param = next(model.parameters())
     weights = weight_bytes(model)
     if not config.tie_word_embeddings:
-        weights -= (config.vocab_size - batch) * config.hidden_size * element
-    return weights + batch * context * config.kv_bytes_per_token(element)
+        weights -= (config.vocab_size - batch) * config.hidden_size * param.element_size()
+    return weights + batch * context * kv_bytes_per_token(config, kv_dtype_name(kv_dtype, param.dtype))
 
 
 class StepClock:
@@ -77,117 +93,188 @@ class StepClock:
         pass
 
 
-def _hf_runner(model, ids: torch.Tensor, new_tokens: int):
+def _hf_runner(model, ids: torch.Tensor, new_tokens: int, path: str = "generate"):
+    from transformers import CompileConfig
+
+    kwargs = {}
+    if path == "static-compiled":
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs by itself, on a CPU when told to
+        kwargs = dict(cache_implementation="static", compile_config=compile_config)
+
     def run() -> tuple[list[float], torch.Tensor]:
         clock = StepClock(ids.device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock, **kwargs)
         return clock.stamps, out
     return run
 
 
-def _our_runner(model, ids: torch.Tensor, new_tokens: int, compile: bool):
+def _our_runner(model, ids: torch.Tensor, new_tokens: int, compile: bool, kv_dtype: str = "auto"):
     def run() -> tuple[list[float], torch.Tensor]:
         clock = StepClock(ids.device)
-        out = fast_generate(model, ids, max_new_tokens=new_tokens, compile=compile, streamer=clock)
+        out = fast_generate(model, ids, max_new_tokens=new_tokens, compile=compile, streamer=clock, kv_dtype=kv_dtype)
         return clock.stamps, out.sequences
     return run
 
 
-def build_models(preset: str, device: torch.device, dtype: torch.dtype, max_len: int, seed: int = 0):
-    """(transformers Llama of the CLA1 shape, our exact CLA1 copy, the preset's CLA model converted from it)."""
+def build_models(preset: str | None, device: torch.device, dtype: torch.dtype, max_len: int, seed: int = 0,
+                 model: str | None = None, cla_factor: int = 2):
+    """(transformers Llama of the CLA1 shape, our exact CLA1 copy, the CLA model converted from it).
+
+    The Llama has random weights of `preset`'s shape, or is the checkpoint `model` (folder or GGUF
+    file), converted with `cla_factor` (uniform groups)."""
     from transformers import LlamaForCausalLM
 
-    config = CLAConfig.from_preset(preset)
-    twin = CLAConfig.from_preset(preset, cla_factor=1, cla_pattern="uniform", kv_sources=None)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        llama = LlamaForCausalLM(to_llama_config(twin, max_len)).to(dtype).eval()
+    if model is not None:
+        llama = load_source(model, dtype=dtype).to(device).eval()
+        config = CLAConfig(**{**from_hf(llama).config.to_diff_dict(), "kv_sources": None, "cla_factor": cla_factor,
+                              "cla_pattern": "uniform"})
+        name = f"{Path(model).name} (CLA{cla_factor})"
+    else:
+        config = CLAConfig.from_preset(preset)
+        twin = CLAConfig.from_preset(preset, cla_factor=1, cla_pattern="uniform", kv_sources=None)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            llama = LlamaForCausalLM(to_llama_config(twin, max_len)).to(dtype).eval()
+        name = preset
     cla1 = from_hf(llama).to(device)
     if config.num_producer_layers == config.num_hidden_layers:
-        raise CrossLayerError(f"{preset} shares no K/V; give a CLA preset (e.g. small-H64-MQA-CLA2)")
+        raise CrossLayerError(f"{name} shares no K/V; give a CLA preset (e.g. small-H64-MQA-CLA2) or --cla-factor >= 2")
     cla = from_hf(llama, kv_sources=config.kv_sources).to(device)
     for m in (cla1, cla):
         m.config._attn_implementation = "sdpa"
     return llama, cla1, cla
 
 
+def vllm_reference(llama, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: int, python: str,
+                   timeout: float = 1800) -> dict[int, dict]:
+    """vLLM's offline engine on `llama` (saved to a temporary folder), run by `python` (an interpreter
+    with vLLM installed): per batch size, end-to-end tokens/s and the greedy tokens."""
+    from transformers import LlamaForCausalLM
+
+    if not VLLM_SCRIPT.is_file():
+        raise CrossLayerError(f"the vLLM reference needs {VLLM_SCRIPT} (a crosslayer checkout)")
+    with tempfile.TemporaryDirectory(prefix="crosslayer-vllm-") as tmp:
+        plain = LlamaForCausalLM(llama.config)  # a checkpoint read from GGUF refuses save_pretrained
+        plain.load_state_dict(llama.state_dict())
+        plain.to(torch.float32).save_pretrained(tmp)
+        requests = Path(tmp) / "prompts.json"
+        requests.write_text(json.dumps({str(b): ids.tolist() for b, ids in prompts.items()}))
+        proc = subprocess.run([python, str(VLLM_SCRIPT), tmp, "--prompts", str(requests), "--new-tokens",
+                               str(new_tokens), "--repeats", str(repeats)], capture_output=True, text=True,
+                              timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise CrossLayerError(f"the vLLM reference run failed ({python}):\n{tail}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {int(b): r for b, r in result["batches"].items()} | {"version": result["vllm"]}
+
+
 def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, modes: list[str],
-               warmup: int, repeats: int, device: torch.device, baseline: bool = True) -> dict:
+               warmup: int, repeats: int, device: torch.device, baselines: list[str] = TRANSFORMERS_PATHS,
+               kv_dtypes: list[str] = ("auto",), vllm_python: str | None = None) -> dict:
     """Time every runner at every batch size; `models` is `build_models(...)`'s triple."""
     llama, cla1, cla = models
     bandwidth = measure_bandwidth(device)
     context = prompt_len + new_tokens / 2  # mean context over the decode steps
-    rows, checks = [], {}
+    rows, checks, prompts, references = [], {}, {}, {}
     for batch in batch_sizes:
         ids = torch.randint(0, cla.config.vocab_size, (batch, prompt_len), device=device,
                             generator=torch.Generator(device).manual_seed(batch))
+        prompts[batch] = ids.cpu()
         runners = {}
-        if baseline:
-            runners[("transformers", "generate")] = (_hf_runner(llama, ids, new_tokens), cla1.config, llama)
+        for path in baselines:
+            runners[("transformers", path, "auto")] = (_hf_runner(llama, ids, new_tokens, path), cla1)
         for mode in modes:
-            for label, model in (("CLA1", cla1), (preset, cla)):
-                runners[(label, mode)] = (_our_runner(model, ids, new_tokens, mode == "compiled"), model.config, model)
+            for kv_dtype in kv_dtypes:
+                for label, model in (("CLA1", cla1), (preset, cla)):
+                    runners[(label, mode, kv_dtype)] = (_our_runner(model, ids, new_tokens, mode == "compiled", kv_dtype),
+                                                        model)
         prefill: dict = {k: [] for k in runners}
         decode: dict = {k: [] for k in runners}
+        total: dict = {k: [] for k in runners}
         outputs = {}
-        for run, _, _ in runners.values():
+        for run, _ in runners.values():
             for _ in range(warmup):
                 run()
         for _ in range(repeats):
-            for key, (run, _, _) in runners.items():
+            for key, (run, _) in runners.items():
                 stamps, outputs[key] = run()
                 prefill[key].append(stamps[0])
                 decode[key].append(batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        if baseline:  # our CLA1 copy must decode exactly what transformers decodes (fp32; ties may flip in 16-bit)
-            reference = outputs[("transformers", "generate")]
-            checks[batch] = {mode: bool(torch.equal(outputs[("CLA1", mode)], reference)) for mode in modes}
-        for key, (_, config, model) in runners.items():
-            step_bytes = bytes_per_decode_step(model, config, batch, int(context))
+                total[key].append(batch * len(stamps) / stamps[-1])
+        # our CLA1 copy must decode exactly what transformers decodes (fp32; ties may flip in 16-bit);
+        # an 8-bit cache is checked against the same reference, and may differ
+        reference = next((outputs[k] for k in outputs if k[0] == "transformers"), None)
+        if reference is not None:
+            references[batch] = reference.cpu()
+            checks[batch] = {f"{k[0]}/{k[1]}/{k[2]}": bool(torch.equal(out, reference))
+                             for k, out in outputs.items() if k[0] in ("transformers", "CLA1")}
+        for key, (_, model) in runners.items():
+            step_bytes = bytes_per_decode_step(model, model.config, batch, int(context), key[2])
             roofline = batch * bandwidth / step_bytes
             tps = statistics.median(decode[key])
-            rows.append({"model": key[0], "path": key[1], "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
-                         "kv_bytes_per_token": config.kv_bytes_per_token(next(model.parameters()).element_size()),
+            rows.append({"model": key[0], "path": key[1], "kv_dtype": kv_dtype_name(key[2], next(model.parameters()).dtype),
+                         "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
+                         "kv_bytes_per_token": kv_bytes_per_token(model.config, kv_dtype_name(
+                             key[2], next(model.parameters()).dtype)),
                          "prefill_ms": 1e3 * statistics.median(prefill[key]), "decode_tokens_per_s": tps,
-                         "decode_tokens_per_s_all": decode[key], "bytes_per_step": step_bytes,
-                         "roofline_tokens_per_s": roofline, "bw_util": tps / roofline})
+                         "decode_tokens_per_s_all": decode[key], "e2e_tokens_per_s": statistics.median(total[key]),
+                         "bytes_per_step": step_bytes, "roofline_tokens_per_s": roofline, "bw_util": tps / roofline})
     dtype = str(next(cla.parameters()).dtype).replace("torch.", "")
     result = {"benchmark": "decode", "device": device_name(device), "torch": torch.__version__, "preset": preset,
               "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "rows": rows,
-              "greedy_equal_to_transformers": checks, "ratios": _ratios(rows, preset)}
+              "greedy_equal_to_transformers": checks}
+    if vllm_python:
+        vllm = vllm_reference(llama, prompts, new_tokens, repeats, vllm_python)
+        result["vllm_version"] = vllm.pop("version")
+        for batch, r in vllm.items():
+            rows.append({"model": "vLLM", "path": "offline", "kv_dtype": r["dtype"], "batch": batch,
+                         "prompt": prompt_len, "new_tokens": new_tokens, "e2e_tokens_per_s": r["tokens_per_s"],
+                         "e2e_tokens_per_s_all": r["tokens_per_s_all"]})
+            if batch in references:
+                checks[batch]["vLLM"] = r["tokens"] == references[batch][:, prompt_len:].tolist()
+    result["ratios"] = _ratios(rows, preset)
     return result
 
 
 def _ratios(rows: list[dict], preset: str) -> list[dict]:
-    """Per batch: our fastest path (the same path for both of ours) over transformers, and CLA over CLA1."""
+    """Per batch and KV dtype: our fastest path over each transformers path, and CLA over CLA1."""
     out = []
-    for batch in sorted({r["batch"] for r in rows}):
-        at = {(r["model"], r["path"]): r["decode_tokens_per_s"] for r in rows if r["batch"] == batch}
-        paths = sorted({p for m, p in at if m == preset}, key=lambda p: -at[(preset, p)])
-        if not paths:
-            continue
+    keys = sorted({(r["batch"], r["kv_dtype"]) for r in rows if r["model"] == preset})
+    for batch, kv in keys:
+        ours = {(r["model"], r["path"]): r["decode_tokens_per_s"] for r in rows
+                if r["batch"] == batch and r["kv_dtype"] == kv and r["model"] in (preset, "CLA1")}
+        paths = sorted({p for m, p in ours if m == preset}, key=lambda p: -ours[(preset, p)])
         best = paths[0]
-        entry = {"batch": batch, "fastest_path": best, "cla_over_cla1": at[(preset, best)] / at[("CLA1", best)]}
-        if ("transformers", "generate") in at:
-            hf = at[("transformers", "generate")]
-            entry.update(cla1_over_transformers=at[("CLA1", best)] / hf, cla_over_transformers=at[(preset, best)] / hf)
+        entry = {"batch": batch, "kv_dtype": kv, "fastest_path": best,
+                 "cla_over_cla1": ours[(preset, best)] / ours[("CLA1", best)]}
+        for r in rows:
+            if r["batch"] == batch and r["model"] == "transformers":
+                entry[f"cla1_over_{r['path']}"] = ours[("CLA1", best)] / r["decode_tokens_per_s"]
+                entry[f"cla_over_{r['path']}"] = ours[(preset, best)] / r["decode_tokens_per_s"]
         out.append(entry)
     return out
 
 
 def profile_decode(models: tuple, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
-                   out_dir: Path, rows: int = 25) -> list[Path]:
-    """torch.profiler tables (self time per op) of one decode by each runner, written to out_dir."""
+                   out_dir: Path, rows: int = 25, compile: bool = False) -> list[Path]:
+    """torch.profiler tables (self time per op) of one decode by transformers (eager, and static-compiled
+    with `compile`) and by ours (eager, and compiled with `compile`), written to out_dir."""
     from torch.profiler import ProfilerActivity, profile
 
     llama, cla1, _ = models
     ids = torch.randint(0, cla1.config.vocab_size, (batch, prompt_len), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [("transformers", _hf_runner(llama, ids, new_tokens)), ("ours-eager", _our_runner(cla1, ids, new_tokens, False))]
+    if compile:
+        runs += [("transformers-static-compiled", _hf_runner(llama, ids, new_tokens, "static-compiled")),
+                 ("ours-compiled", _our_runner(cla1, ids, new_tokens, True))]
     paths = []
-    for name, run in (("transformers", _hf_runner(llama, ids, new_tokens)),
-                      ("ours-eager", _our_runner(cla1, ids, new_tokens, False))):
+    for name, run in runs:
         run()
         with profile(activities=activities) as prof:
             run()

@@ -86,18 +86,27 @@ def run_memory(args: argparse.Namespace) -> int:
 
 def _register_decode(sub) -> None:
     from ..bench import decode
+    from ..decode import KV_DTYPES
 
-    p = sub.add_parser("decode", help="prefill latency and decode tokens/s: ours (CLA, CLA1) vs transformers",
+    p = sub.add_parser("decode", help="prefill latency and decode tokens/s: ours (CLA, CLA1) vs transformers, vLLM",
                        description=decode.__doc__)
-    p.add_argument("--preset", default="small-H64-MQA-CLA2", help="the CLA model; its CLA1 twin is derived")
+    p.add_argument("--preset", default="small-H64-MQA-CLA2", help="the CLA model (random weights); its CLA1 twin is derived")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a real Llama-family checkpoint (folder or .gguf) instead of --preset's random weights")
+    p.add_argument("--cla-factor", type=positive_int, default=2, help="with --model: its CLA model's sharing (uniform)")
     p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16], help="sequences decoded together")
     p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens")
     p.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated (at least 2)")
     p.add_argument("--modes", type=name_list, default=["eager", "compiled"], help="our decode paths: eager, compiled")
+    p.add_argument("--kv-dtypes", type=name_list, default=["auto"],
+                   help=f"our cache dtypes, of {', '.join(KV_DTYPES)} (auto: the weights' dtype)")
+    p.add_argument("--baselines", type=name_list, default=list(decode.TRANSFORMERS_PATHS),
+                   help="transformers paths: generate (eager, dynamic cache), static-compiled, or none")
+    p.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="a Python with vLLM installed: adds vLLM's offline engine as a reference row")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (runners interleaved); medians reported")
     _device_flags(p)
-    p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write torch.profiler tables of one decode (transformers, ours) at the first batch size")
     add_json_flags(p)
@@ -105,36 +114,51 @@ def _register_decode(sub) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from ..bench.decode import build_models, profile_decode, run_decode
+    from ..bench.decode import TRANSFORMERS_PATHS, build_models, profile_decode, run_decode
+    from ..decode import KV_DTYPES
     from ..errors import CrossLayerError
     from ..runtime import pick_device, pick_dtype
 
     device = pick_device(args.device)
     if set(args.modes) - {"eager", "compiled"}:
         raise CrossLayerError(f"--modes: eager and/or compiled, got {','.join(args.modes)!r}")
+    if set(args.kv_dtypes) - set(KV_DTYPES):
+        raise CrossLayerError(f"--kv-dtypes: of {', '.join(KV_DTYPES)}, got {','.join(args.kv_dtypes)!r}")
+    baselines = [] if args.baselines == ["none"] else args.baselines
+    if set(baselines) - set(TRANSFORMERS_PATHS):
+        raise CrossLayerError(f"--baselines: of {', '.join(TRANSFORMERS_PATHS)} or none, got {','.join(args.baselines)!r}")
     if args.new_tokens < 2:
         raise CrossLayerError(f"--new-tokens must be >= 2 (decode speed is measured after the first), got {args.new_tokens}")
-    models = build_models(args.preset, device, pick_dtype(args.dtype, device), args.prompt_len + args.new_tokens)
-    result = run_decode(models, args.preset, args.batch_sizes, args.prompt_len, args.new_tokens, args.modes,
-                        args.warmup, args.repeats, device, baseline=not args.no_baseline)
+    models = build_models(args.preset, device, pick_dtype(args.dtype, device), args.prompt_len + args.new_tokens,
+                          model=args.model, cla_factor=args.cla_factor)
+    name = args.preset if args.model is None else f"CLA{args.cla_factor}"
+    result = run_decode(models, name, args.batch_sizes, args.prompt_len, args.new_tokens, args.modes,
+                        args.warmup, args.repeats, device, baselines, args.kv_dtypes, args.vllm_python)
+    result["model"] = args.model or args.preset
     if args.profile:
         result["profiles"] = [str(p) for p in profile_decode(models, args.batch_sizes[0], args.prompt_len,
-                                                             args.new_tokens, device, Path(args.profile))]
-    print(f"device: {result['device']}, {result['dtype']}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
-    print(f"{'model':22s} {'path':9s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} {'decode tok/s':>12s} "
-          f"{'roofline':>9s} {'bw util':>7s}")
+                                                             args.new_tokens, device, Path(args.profile),
+                                                             compile="compiled" in args.modes)]
+    print(f"device: {result['device']}, {result['dtype']}, {result['model']}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    print(f"{'model':22s} {'path':15s} {'KV':>5s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} "
+          f"{'decode tok/s':>12s} {'e2e tok/s':>9s} {'roofline':>9s} {'bw util':>7s}")
     for r in result["rows"]:
-        print(f"{r['model']:22s} {r['path']:9s} {r['batch']:>5d} {r['kv_bytes_per_token']:>9,} {r['prefill_ms']:>10.1f} "
-              f"{r['decode_tokens_per_s']:>12,.1f} {r['roofline_tokens_per_s']:>9,.0f} {r['bw_util'] * 100:>6.1f}%")
+        if "decode_tokens_per_s" not in r:  # the vLLM reference: end to end only
+            print(f"{r['model']:22s} {r['path']:15s} {r['kv_dtype']:>5s} {r['batch']:>5d} {'':>9s} {'':>10s} {'':>12s} "
+                  f"{r['e2e_tokens_per_s']:>9,.1f}")
+            continue
+        print(f"{r['model']:22s} {r['path']:15s} {r['kv_dtype']:>5s} {r['batch']:>5d} {r['kv_bytes_per_token']:>9,} "
+              f"{r['prefill_ms']:>10.1f} {r['decode_tokens_per_s']:>12,.1f} {r['e2e_tokens_per_s']:>9,.1f} "
+              f"{r['roofline_tokens_per_s']:>9,.0f} {r['bw_util'] * 100:>6.1f}%")
     for e in result["ratios"]:
-        line = f"batch {e['batch']:>3d}: fastest path {e['fastest_path']}; {args.preset} / CLA1 {e['cla_over_cla1']:.2f}x"
-        if "cla1_over_transformers" in e:
-            line += (f"; CLA1 / transformers {e['cla1_over_transformers']:.2f}x; "
-                     f"{args.preset} / transformers {e['cla_over_transformers']:.2f}x")
+        line = (f"batch {e['batch']:>3d}, KV {e['kv_dtype']}: fastest path {e['fastest_path']}; "
+                f"{name} / CLA1 {e['cla_over_cla1']:.2f}x")
+        for path in baselines:
+            line += f"; CLA1 / transformers {path} {e[f'cla1_over_{path}']:.2f}x"
         print(line)
     if result["greedy_equal_to_transformers"]:
-        print(f"greedy tokens of our CLA1 copy == transformers': {result['greedy_equal_to_transformers']}")
+        print(f"greedy tokens == transformers generate's: {result['greedy_equal_to_transformers']}")
     return emit(result, args)
 
 

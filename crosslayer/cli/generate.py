@@ -10,13 +10,15 @@ from . import add_json_flags, add_model_flags, emit, load_model_from_args, non_n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..decode import KV_DTYPES
     from ..generate import CACHES
 
     p = sub.add_parser(
         "generate", help="generate text from a model, streamed",
         description="Temperature, top-k, top-p sampling (--temperature 0 is greedy); one prompt streamed as it is "
         "produced, or a file of prompts (one per line) decoded as a left-padded batch. crosslayer models decode "
-        "through the fast path (a preallocated cache of producer layers only; --compile compiles the decode step); "
+        "through the fast path (a preallocated cache of producer layers only; --compile compiles the decode step; "
+        "--kv-dtype int8|fp8 stores it in 8 bits); "
         "any other causal LM, or --cache dynamic|static, through transformers' generate. Ends with a line on stderr: "
         "tokens generated, tokens/s, and the KV-cache bytes held.",
     )
@@ -33,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fast: our preallocated producer-only cache (crosslayer models); dynamic / static: "
                         "transformers' generate (producers only too); auto: fast where it applies")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's decode step")
+    p.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES,
+                   help="how the fast path's cache stores K/V: auto (the weights' dtype), a float dtype, or 8-bit "
+                        "int8 / fp8 (with one scale per token and K/V head)")
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end")
     add_json_flags(p)
     p.set_defaults(func=run)
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if stream and not args.chat:
         print(prompts[0], end="", flush=True)
     result = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k,
-                            args.top_p, args.seed, args.cache, stream=stream, compile=args.compile, chat=args.chat)
+                            args.top_p, args.seed, args.cache, stream=stream, compile=args.compile, chat=args.chat,
+                            kv_dtype=args.kv_dtype)
     if stream:
         print()
     else:

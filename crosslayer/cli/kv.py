@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-presets", action="store_true", help="list named presets with their KV bytes")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (none: the model's maximum)")
     p.add_argument("--memory", default=None, metavar="SIZE", help="memory budget, e.g. 80GiB; weights are subtracted")
-    p.add_argument("--kv-dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="cache element type")
+    p.add_argument("--kv-dtype", default="bf16", choices=tuple(DTYPE_BYTES),
+                   help="cache element type; int8 and fp8 add one float16 scale per token, K/V head and K or V")
     p.add_argument("--weight-dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="weight element type")
     p.add_argument("--cla-factor", type=positive_int, default=None, help="override: share K/V across this many layers")
     p.add_argument("--cla-pattern", default=None, choices=CLA_PATTERNS, help="override: which layers produce K/V")
@@ -80,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"K/V producers      {config.num_producer_layers} of {config.num_hidden_layers} layers ({pattern})")
     print(f"sharing groups     {sharing_groups(config.kv_sources)}")
     print(f"parameters         {r['parameters'] / 1e6:,.1f}M ({human_bytes(r['weight_bytes'])} at {args.weight_dtype})")
-    print(f"KV bytes / token   {r['kv_bytes_per_token']:,} ({args.kv_dtype})")
+    scales = r["kv_scale_bytes_per_token"]
+    detail = f"{args.kv_dtype}: {r['kv_bytes_per_token'] - scales:,} values + {scales:,} scales" if scales else args.kv_dtype
+    print(f"KV bytes / token   {r['kv_bytes_per_token']:,} ({detail})")
     print(f"KV / sequence      {human_bytes(r['kv_bytes_per_sequence'])} at {seq_len:,} tokens")
     if memory is not None:
         print(f"memory budget      {human_bytes(memory)}: {r['max_sequences']:,} sequences of {seq_len:,} tokens "
