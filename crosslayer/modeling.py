@@ -30,11 +30,22 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .config import CLAConfig
+
+# transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`;
+# vLLM pins 5.16-5.20, so we speak whichever this transformers does.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are needed: the last `logits_to_keep` (0: all), or the given indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+    return hidden_states[:, logits_to_keep]
 
 
 class SharedKV:
@@ -272,8 +283,10 @@ class CLAModel(CLAPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -284,10 +297,7 @@ class CLAModel(CLAPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0  # layer 0 is always a producer
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            cache=cache, position_ids=position_ids,
-        )
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         shared_kv = SharedKV()
         hidden_states = inputs_embeds
@@ -296,7 +306,7 @@ class CLAModel(CLAPreTrainedModel):
                 hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
                 shared_kv=shared_kv, cache=cache, **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
 class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
@@ -318,8 +328,10 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -329,5 +341,6 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            **{CACHE_NAME: getattr(out, CACHE_NAME)},
         )

@@ -297,7 +297,7 @@ class Trainer:
             model = CLAForCausalLM(self.model_config)
         select_trainable(model, cfg.trainable)
         if cfg.activation_checkpointing:
-            model.activation_checkpointing_enable()
+            model.gradient_checkpointing_enable()  # the name transformers 5.16+ all have
         self.raw_model = model.to(self.device).train()
         self.teacher = None
         if cfg.teacher:

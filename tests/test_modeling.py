@@ -7,6 +7,7 @@ import torch
 
 import crosslayer  # noqa: F401  (registers the Auto classes)
 from crosslayer import CLAForCausalLM
+from crosslayer.modeling import CACHE_NAME  # past_key_values before transformers 5.2x
 from crosslayer.kv import cache_nbytes
 
 from .conftest import REPO, tiny_config
@@ -35,7 +36,7 @@ def test_cached_decoding_equals_full_forward(sharing, attn):
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.cache
+        steps, cache = [out.logits], getattr(out, CACHE_NAME)
         for t in range(5, 12):
             out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
             steps.append(out.logits)
@@ -83,9 +84,9 @@ def test_cache_bytes_through_generate_and_cla2_is_half_of_cla1():
         model = model_for(dict(cla_factor=factor, num_hidden_layers=4)).to(torch.bfloat16)
         ids = torch.randint(0, 211, (3, 7))
         out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-        seen = out.cache.get_seq_length()
+        seen = getattr(out, CACHE_NAME).get_seq_length()
         assert seen == 7 + 5 - 1  # the last generated token is never fed back
-        sizes[factor] = cache_nbytes(out.cache)
+        sizes[factor] = cache_nbytes(getattr(out, CACHE_NAME))
         assert sizes[factor] == 3 * seen * model.config.kv_bytes_per_token(2)
     assert sizes[2] * 2 == sizes[1]
 
@@ -164,7 +165,7 @@ def test_activation_checkpointing_gives_identical_gradients():
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
         assert torch.equal(plain[n], p.grad), n

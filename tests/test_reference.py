@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from crosslayer import CLAConfig, CLAForCausalLM
+from crosslayer.modeling import CACHE_NAME  # past_key_values before transformers 5.2x
 
 # 6 layers; kv_sources by hand from the paper's pattern definitions
 PLANS = {
@@ -120,7 +121,7 @@ def test_cached_decoding_equals_the_reference(plan):
     expected = reference_logits(model.state_dict(), kv_sources, ids, 4, 2, 16)
     with torch.no_grad():
         out = model(ids[:, :4], use_cache=True)
-        steps, cache = [out.logits], out.cache
+        steps, cache = [out.logits], getattr(out, CACHE_NAME)
         for t in range(4, 11):
             out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
             steps.append(out.logits)
