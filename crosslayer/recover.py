@@ -40,18 +40,21 @@ def shared_groups(config) -> dict[int, list[int]]:
 
 
 def trainable_names(model: nn.Module, which: str) -> set[str]:
-    """Names of the parameters `which` trains: all; kv = producers' k/v projections and KV-input norms;
-    kv+qo = those and the q/o projections of every layer that shares a producer's K/V."""
+    """Names of the parameters `which` trains: all; kv = what conversion changed, the k/v projections and
+    KV-input norms of producers whose K/V other layers share; kv+qo = those and the q/o projections of
+    every layer in those groups."""
     names = {n for n, _ in model.named_parameters()}
     if which == "all":
         return names
     config = model.config
     chosen = set()
     for producer, members in shared_groups(config).items():
+        if len(members) == 1:  # a producer alone keeps the original map
+            continue
         prefix = f"model.layers.{producer}."
         kv_parts = ("self_attn.k_proj.", "self_attn.v_proj.", "kv_layernorm.")
         chosen |= {n for n in names if any(n.startswith(prefix + part) for part in kv_parts)}
-        if which == "kv+qo" and len(members) > 1:
+        if which == "kv+qo":
             for layer in members:
                 p = f"model.layers.{layer}.self_attn."
                 chosen |= {n for n in names if n.startswith(p + "q_proj.") or n.startswith(p + "o_proj.")}
@@ -153,5 +156,8 @@ def build_objective(name: str, teacher: nn.Module | None, cfg) -> Callable[[nn.M
     if name == "logits":
         return logit_distillation(teacher, cfg.distill_temperature)
     if name == "attention":
+        if cfg.trainable == "all":
+            raise CrossLayerError("objective attention distils the attention of the sharing layers only: nothing else "
+                                  "would learn; train trainable: kv or kv+qo with it")
         return attention_distillation(teacher)
     raise ValueError(f"no objective {name!r}")

@@ -53,6 +53,7 @@ class TrainConfig:
     micro_batch: int = 16  # sequences per forward pass, per process
     max_steps: int | None = None  # optimizer steps; or give `tokens`
     tokens: int | None = None  # total training tokens; max_steps = tokens // batch_tokens
+    max_minutes: float | None = None  # stop this launch once its steps took this many minutes (saved as at the end)
     lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     warmup_frac: float = 0.05  # linear warmup over this fraction of the steps
@@ -106,6 +107,8 @@ class TrainConfig:
         for key in ("seq_len", "batch_tokens", "micro_batch", "eval_every", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise CrossLayerError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise CrossLayerError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.batch_tokens % self.seq_len:
             raise CrossLayerError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_frac < 1:
@@ -492,9 +495,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar = tqdm(total=total, initial=trainer.step_idx, desc="train", unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
     t_window, tokens_window = time.perf_counter(), 0
+    t_start = t_window
     while trainer.step_idx < total:
         result = trainer.step()
         step = trainer.step_idx
+        # a time limit ends the run at this step: validated, checkpointed and saved like the last step
+        timed_out = cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
+        if trainer.world > 1 and cfg.max_minutes is not None:  # every process stops at the same step
+            flag = torch.tensor([float(timed_out)], device=trainer.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            timed_out = bool(flag.item())
+        final = step == total or timed_out
         tokens_window += cfg.batch_tokens
         if not math.isfinite(result["loss"]):
             if bar:
@@ -508,7 +519,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise TrainingDiverged(message)
         now = time.perf_counter()
         record = {"step": step, "tokens": step * cfg.batch_tokens, **result}
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.log_every == 0 or final:
             record["tokens_per_s"] = tokens_window / max(now - t_window, 1e-9)
             t_window, tokens_window = now, 0
             if rank0:
@@ -520,7 +531,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.3f}", **({"tok/s": f"{record['tokens_per_s']:.0f}"}
                                                              if "tokens_per_s" in record else {}))
-        if step % cfg.eval_every == 0 or step == total:
+        if step % cfg.eval_every == 0 or final:
             ev = evaluate(trainer.model, trainer.val_tokens, cfg, trainer.device, trainer.autocast, trainer.rank,
                           trainer.world)
             last = {"step": step, "tokens": step * cfg.batch_tokens, **ev}
@@ -531,13 +542,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if tb:
                 tb.add_scalar("val/loss", ev["val_loss"], step)
                 tb.add_scalar("val/ppl", ev["val_ppl"], step)
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or final:
             saved = trainer.save_checkpoint(out, step)
-            if step == total and rank0:  # the run's output: the final weights, consolidated from the shards
+            if final and rank0:  # the run's output: the final weights, consolidated from the shards
                 with quiet_transformers():
                     ckpt.load_step_checkpoint_model(saved).save_pretrained(out)
                 trainer.write_model_files(out)
             _barrier(trainer)
+        if timed_out:
+            _log(rank0, f"max_minutes {cfg.max_minutes}: stopped at step {step} of {total}")
+            break
     if bar:
         bar.close()
     if tb:

@@ -32,6 +32,15 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a CPU other jobs share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(family: str = "llama", **kw):
     """A random tiny fp32 model of a transformers family; biases (Qwen2's q/k/v) random too, so means show."""
     config_cls, model_cls, fields = FAMILIES[family]
@@ -255,11 +264,11 @@ def test_out_that_exists_is_never_touched(tmp_path, qwen2_folder):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert main(["convert", str(qwen2_folder), "--out", str(out), "--cla-factor", "2"]) == 2
+    assert main(["convert", str(qwen2_folder), "--out", str(out), "--cla-factor", "2", "--kv-init", "mean"]) == 2
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder is fine: nothing to lose
-    assert main(["convert", str(qwen2_folder), "--out", str(empty), "--cla-factor", "2"]) == 0
+    assert main(["convert", str(qwen2_folder), "--out", str(empty), "--cla-factor", "2", "--kv-init", "mean"]) == 0
     assert (empty / "model.safetensors").exists()
 
 
@@ -280,6 +289,12 @@ def _drop_weight(folder: Path, name: str) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _truncate(path: Path) -> None:
+    """Cut a weight file in half (an interrupted download)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 def _saved(tmp_path: Path, model, **config_changes) -> Path:
     folder = tmp_path / "src"
     model.save_pretrained(folder)
@@ -292,6 +307,10 @@ BAD_SOURCES = {
     "no config": (lambda t: (t / "src").mkdir() or t / "src", "no config.json"),
     "no weights": (lambda t: (_saved(t, tiny_llama()) / "model.safetensors").unlink() or t / "src",
                    "cannot load the weights"),
+    "corrupt weights": (lambda t: (_saved(t, tiny_llama()) / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}")
+                        and t / "src", "cannot load the weights of"),
+    "truncated weights": (lambda t: _truncate(_saved(t, tiny_llama()) / "model.safetensors") or t / "src",
+                          "cannot load the weights of"),
     "other family": (lambda t: _saved(t, tiny_llama(), model_type="gpt2", architectures=["GPT2LMHeadModel"]),
                      "supported architectures are LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
     "other head": (lambda t: _saved(t, tiny_llama(), architectures=["LlamaForSequenceClassification"]),
@@ -318,7 +337,7 @@ def test_bad_sources_fail_clearly_and_write_nothing(case, tmp_path, capsys):
     src = make(tmp_path)
     outdir = tmp_path / "outs"
     outdir.mkdir()
-    assert main(["convert", str(src), "--out", str(outdir / "cla2"), "--cla-factor", "2"]) == 2
+    assert main(["convert", str(src), "--out", str(outdir / "cla2"), "--cla-factor", "2", "--kv-init", "mean"]) == 2
     err = capsys.readouterr().err  # after the progress bars of saving the source
     last = err.strip().splitlines()[-1]
     assert last.startswith("crosslayer convert: error: ") and message in last and "Traceback" not in err, err
@@ -363,7 +382,7 @@ def test_failure_while_writing_removes_the_staging_folder(tmp_path, qwen2_folder
 
     monkeypatch.setattr(CLAForCausalLM, "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        main(["convert", str(qwen2_folder), "--out", str(tmp_path / "out"), "--cla-factor", "2"])
+        main(["convert", str(qwen2_folder), "--out", str(tmp_path / "out"), "--cla-factor", "2", "--kv-init", "mean"])
     assert no_leftovers(tmp_path, "out")
 
 
@@ -377,3 +396,241 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
 
     proc = run_cli("convert", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--cla-factor", "2")
     assert proc.returncode == 2 and "is not a folder" in proc.stderr and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# K/V initialisations, against computations made here from the source model's own modules
+
+
+def kv_of(layer, h, family_layer=True):
+    """K and V (before rotary) a layer computes from hidden states h: a transformers layer through its
+    input norm, a CLA producer through its KV-input norm."""
+    x = layer.input_layernorm(h) if family_layer else layer.kv_layernorm(h)
+    return layer.self_attn.k_proj(x), layer.self_attn.v_proj(x)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_mean_folded_is_the_mean_of_the_maps_and_mean_is_not(family):
+    source = tiny(family, num_hidden_layers=6)  # norms ~N(1, 0.1): not the same in any two layers
+    folded = from_hf(source, kv_sources=[0, 1, 1, 1, 4, 4], kv_init="mean-folded")
+    mean = from_hf(source, kv_sources=[0, 1, 1, 1, 4, 4], kv_init="mean")
+    h = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        for producer, group in ((1, [1, 2, 3]), (4, [4, 5])):
+            maps = [kv_of(source.model.layers[j], h) for j in group]
+            want_k, want_v = (sum(m[i] for m in maps) / len(maps) for i in (0, 1))
+            got_k, got_v = kv_of(folded.model.layers[producer], h, family_layer=False)
+            torch.testing.assert_close(got_k, want_k, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-5)
+            assert torch.equal(folded.model.layers[producer].kv_layernorm.weight, torch.ones(64))
+            # mean pools W and g separately: not the mean of the maps when the norms differ
+            assert (kv_of(mean.model.layers[producer], h, family_layer=False)[0] - want_k).abs().max() > 1e-3
+    ids = torch.randint(0, 257, (2, 9))
+    # a group of one keeps its own map exactly: a plan that shares nothing is the source itself
+    torch.testing.assert_close(logits(from_hf(source, kv_sources=list(range(6)), kv_init="mean-folded"), ids),
+                               logits(source, ids), rtol=0, atol=1e-6)
+
+
+def vec(m: torch.Tensor) -> torch.Tensor:
+    """Column-stacking vectorisation: vec(A B C) = (C^T kron A) vec(B)."""
+    return m.T.reshape(-1)
+
+
+def reference_fit(source, calibration, members, ridge, offsets):
+    """The weighted least-squares K/V map of a group, written out plainly from transformers' own activations:
+    minimise sum_j |(X W^T - K_j) S_j|^2 + ridge' |[W^T]_rows<d (sum_j M_j)^1/2|^2 with S_j = M_j^1/2, for
+    keys M_j = mean over tokens and offsets d of the member's queries rotated as at position d (summed over
+    the query heads of each K/V head), for values M_j = sum over those heads of O_h^T O_h; solved as one
+    stacked linear least-squares problem (torch.linalg.lstsq)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = source.config
+    n_kv, hd = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // n_kv
+    with torch.no_grad():
+        hidden = source(calibration, output_hidden_states=True).hidden_states  # [i]: input of layer i
+        h_p = hidden[members[0]].double()
+        x = (h_p * torch.rsqrt(h_p.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)).flatten(0, 1)  # (N, d)
+        bias = source.model.layers[0].self_attn.k_proj.bias is not None
+        if bias:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        cos, sin = source.model.rotary_emb(hidden[0], offsets[None])  # (1, S, hd)
+        out = {}
+        for which in ("k", "v"):
+            rows, targets, metric_sum = [], [], 0
+            for j in members:
+                layer = source.model.layers[j]
+                xin = layer.input_layernorm(hidden[j])
+                target = (layer.self_attn.k_proj if which == "k" else layer.self_attn.v_proj)(xin).flatten(0, 1).double()
+                if which == "k":
+                    q = layer.self_attn.q_proj(xin).flatten(0, 1).view(-1, cfg.num_attention_heads, 1, hd)  # (N, H, 1, hd)
+                    blocks = torch.zeros(n_kv, hd, hd, dtype=torch.float64)
+                    for s in range(cos.shape[1]):
+                        rotated, _ = apply_rotary_pos_emb(q, q, cos[:, s : s + 1], sin[:, s : s + 1], unsqueeze_dim=1)
+                        r = rotated.double().view(-1, n_kv, group, hd)
+                        blocks += torch.einsum("nkgi,nkgj->kij", r, r) / len(r) / cos.shape[1]
+                else:
+                    o = layer.self_attn.o_proj.weight.double().view(-1, n_kv, group, hd)
+                    blocks = torch.einsum("dkgi,dkgj->kij", o, o)
+                m = torch.block_diag(*blocks)
+                values, vectors = torch.linalg.eigh(m)
+                root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+                rows.append(torch.kron(root.T.contiguous(), x))
+                targets.append(vec(target @ root))
+                metric_sum = metric_sum + m
+            values, vectors = torch.linalg.eigh(metric_sum)
+            root = vectors @ torch.diag(values.sqrt()) @ vectors.T
+            d = cfg.hidden_size
+            lam = ridge * (x.T @ x).diagonal().mean()
+            shrink = torch.zeros(d, x.shape[1], dtype=torch.float64)
+            shrink[:, :d] = torch.eye(d, dtype=torch.float64) * lam.sqrt()
+            rows.append(torch.kron(root.T.contiguous(), shrink))
+            targets.append(torch.zeros(d * root.shape[0], dtype=torch.float64))
+            w_t = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)[:, None]).solution  # vec(W^T)
+            w = w_t.view(-1, x.shape[1]).float()  # (kv, d'): unvec of a column-stacked (d', kv) matrix
+            out[f"{which}_proj.weight"] = w[:, :d]
+            if bias:
+                out[f"{which}_proj.bias"] = w[:, d]
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fit_is_the_weighted_least_squares_fit_of_the_sources_activations(family):
+    from crosslayer.convert import FIT_RIDGE
+
+    source = tiny(family, num_hidden_layers=5, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48)
+    calibration = torch.randint(0, 257, (4, 24))
+    fitted = from_hf(source, kv_sources=[0, 1, 1, 1, 4], kv_init="fit", calibration=calibration)
+    offsets = torch.linspace(0, 23, 64).round().long()  # the rotary offsets the fit averages over
+    want = reference_fit(source, calibration, [1, 2, 3], FIT_RIDGE, offsets)
+    attn = fitted.model.layers[1].self_attn
+    for name, tensor in want.items():
+        got = attn.get_parameter(name)
+        torch.testing.assert_close(got, tensor, rtol=1e-4, atol=1e-4 * tensor.abs().max().item())
+    assert torch.equal(fitted.model.layers[1].kv_layernorm.weight, torch.ones(32))
+    # groups of one keep their own map, and every other weight is the source's
+    assert torch.equal(fitted.model.layers[4].self_attn.k_proj.weight, source.model.layers[4].self_attn.k_proj.weight)
+    assert torch.equal(fitted.model.layers[2].self_attn.q_proj.weight, source.model.layers[2].self_attn.q_proj.weight)
+
+
+def test_fit_beats_the_other_inits_on_its_objective():
+    """On the calibration data, the fitted map has the least weighted K/V error of the four initialisations
+    (it is the minimiser; here the objective is computed plainly from transformers' activations)."""
+    source = tiny_llama(num_hidden_layers=4)
+    calibration = torch.randint(0, 257, (4, 32))
+    with torch.no_grad():
+        hidden = source(calibration, output_hidden_states=True).hidden_states
+        errors = {}
+        for init in ("fit", "mean", "mean-folded", "first"):
+            model = from_hf(source, kv_sources=[0, 1, 1, 3], kv_init=init, calibration=calibration)
+            k_hat = kv_of(model.model.layers[1], hidden[1], family_layer=False)[0]
+            errors[init] = sum((k_hat - kv_of(source.model.layers[j], hidden[j])[0]).pow(2).sum().item() for j in (1, 2))
+    assert errors["fit"] < min(errors["mean"], errors["mean-folded"], errors["first"]), errors
+
+
+def test_fit_needs_calibration_and_inits_are_checked():
+    with pytest.raises(CrossLayerError, match="kv_init 'fit' needs calibration tokens"):
+        from_hf(tiny_llama(), cla_factor=2, kv_init="fit")
+    with pytest.raises(CrossLayerError, match="kv_init must be one of fit, mean, mean-folded, first"):
+        from_hf(tiny_llama(), kv_init="median")
+    # an exact copy needs no calibration, whatever the init
+    ids = torch.randint(0, 257, (1, 12))
+    source = tiny_llama()
+    torch.testing.assert_close(logits(from_hf(source, kv_init="fit"), ids), logits(source, ids), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans on the command line
+
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory):
+    """Real text for calibration: the first 60 kB of WikiText-2 validation."""
+    src = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.raw"
+    if not src.exists():
+        pytest.skip(f"{src} absent")
+    path = tmp_path_factory.mktemp("calib") / "valid.txt"
+    path.write_text(src.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    return path
+
+
+def test_cli_plan_search_writes_a_plan_a_later_conversion_reads(tmp_path, qwen2_folder, calibration_text, capsys):
+    out = tmp_path / "searched"
+    assert main(["convert", str(qwen2_folder), "--out", str(out), "--plan", "search", "--kv-budget", "0.5",
+                 "--calibration", str(calibration_text), "--calibration-tokens", "256", "--calibration-seq-len",
+                 "64", "--search-tokens", "128", "--no-progress", "--json"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["producers"] == 2 and len(set(plan["kv_sources"])) == 2 and plan["chosen_by"] == "search"
+    assert plan["kv_init"] == "fit" and plan["calibration"] == {"data": str(calibration_text), "tokens": 256,
+                                                                 "seq_len": 64}
+    assert json.loads((out / "config.json").read_text())["kv_sources"] == plan["kv_sources"] == result["kv_sources"]
+    assert "plan search" in printed and "merge layer" in printed and plan["plan"] in printed
+    steps = plan["search"]["steps"]
+    assert [s["producers"] for s in steps[:2]] == [3, 2]  # one merge per step from 4 layers
+    assert plan["search"]["search_tokens"] == 128 and "measured on 128 tokens" in printed  # 2 of the 4 sequences
+    # the plan file reproduces the conversion: same plan, same fitted weights
+    again = tmp_path / "again"
+    assert main(["convert", str(qwen2_folder), "--out", str(again), "--plan", str(out / "plan.json"), "--calibration",
+                 str(calibration_text), "--calibration-tokens", "256", "--calibration-seq-len", "64",
+                 "--no-progress"]) == 0
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / "plan.json").read_text())["chosen_by"] == f"plan file {out / 'plan.json'}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--plan", "search"], "give exactly one of producers"),
+    (["--plan", "search", "--producers", "2", "--kv-budget", "0.5"], "give exactly one of producers"),
+    (["--producers", "2"], "--cla-factor: give the layers per sharing group"),
+    (["--cla-factor", "2", "--producers", "2"], "--producers, --kv-budget and --search-tokens belong to --plan search"),
+    (["--plan", "p.json", "--search-tokens", "64"], "belong to --plan search"),
+    (["--cla-factor", "2", "--plan", "search"], "give --cla-factor or --plan, not both"),
+    (["--plan", "search", "--producers", "9"], "producers must be between 1 and the model's 4 layers"),
+    (["--plan", "search", "--kv-budget", "0"], "argument --kv-budget: expected a number in (0, 1]"),
+    (["--plan", "search", "--producers", "2"], "plan search measures on calibration text"),
+    (["--cla-factor", "2"], "kv_init fit measures on calibration text"),
+    (["--cla-factor", "2", "--kv-init", "mean", "--calibration", "x.txt"], "this conversion would not use it"),
+    (["--cla-factor", "1", "--calibration", "x.txt"], "this conversion would not use it"),
+    (["--plan", "nope.json"], "plan file not found: nope.json"),
+    (["--plan", "search", "--producers", "2", "--calibration", "absent/*.txt"], "no file matches 'absent/*.txt'"),
+])
+def test_bad_plan_flags_fail_clearly_and_write_nothing(args, message, tmp_path, qwen2_folder, capsys):
+    code = None
+    try:
+        code = main(["convert", str(qwen2_folder), "--out", str(tmp_path / "out"), "--no-progress", *args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[0, 0, 5, 5]", "kv_sources[2] = 5 points at a later layer"),
+    ("[0, 0, 2]", "kv_sources has 3 entries but the model has num_hidden_layers=4"),
+    ('{"plan": "x"}', "has no kv_sources"),
+    ("{not json", "is not JSON"),
+])
+def test_bad_plan_files_are_named(content, message, tmp_path, qwen2_folder, capsys):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    assert main(["convert", str(qwen2_folder), "--out", str(tmp_path / "out"), "--plan", str(path), "--kv-init",
+                 "mean"]) == 2
+    err = capsys.readouterr().err
+    assert f"plan file {path}" in err and message in err, err
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_plan_file_as_a_list_with_a_calibration_free_init(tmp_path, qwen2_folder):
+    path = tmp_path / "plan.json"
+    path.write_text("[0, 1, 1, 1]")
+    out = tmp_path / "out"
+    assert main(["convert", str(qwen2_folder), "--out", str(out), "--plan", str(path), "--kv-init", "first"]) == 0
+    source = Qwen2ForCausalLM.from_pretrained(qwen2_folder).eval()
+    cla = CLAForCausalLM.from_pretrained(out).eval()
+    assert cla.config.kv_sources == [0, 1, 1, 1]
+    assert torch.equal(cla.model.layers[1].self_attn.k_proj.bias, source.model.layers[1].self_attn.k_proj.bias)
+    assert json.loads((out / "plan.json").read_text())["kv_init"] == "first"

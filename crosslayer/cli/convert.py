@@ -7,25 +7,62 @@ import argparse
 from . import add_json_flags, add_progress_flag, emit, positive_int
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+_fraction.type_name = "number in (0, 1]"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..config import CLA_PATTERNS
-    from ..convert import KV_INITS
+    from ..convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, KV_INITS
+    from ..plan import METRICS, SEARCH_TOKENS
     from ..runtime import DTYPE_CHOICES
 
     p = sub.add_parser(
         "convert", help="convert a Llama / Mistral / Qwen2 (or dense crosslayer) checkpoint into a CLA model",
         description="Turn a pretrained checkpoint (a folder, a hub id, or a GGUF file, dequantised) into a CLA model "
         "folder: each sharing group's K/V projections are initialised from the group's layers; everything else is "
-        "copied, with the tokenizer, chat template and generation config. Recover quality afterwards with "
-        "`crosslayer train RECIPE --init OUT`.",
+        "copied, with the tokenizer, chat template and generation config; plan.json records the plan. The plan is "
+        "--cla-factor (with --cla-pattern), a --plan FILE, or --plan search with --producers or --kv-budget: the "
+        "contiguous groups that cost least (KL to the original model) on --calibration text. Recover quality "
+        "afterwards with `crosslayer train RECIPE --init OUT`.",
     )
     p.add_argument("src", help="source: checkpoint folder, hub id, or .gguf file")
     p.add_argument("--out", required=True, metavar="DIR", help="new model folder (must not exist, or be empty)")
     p.add_argument("--gguf-file", default=None, metavar="NAME", help="read this GGUF file of the folder or hub id SRC")
     p.add_argument("--cla-factor", type=positive_int, default=None, help="layers per sharing group (1: an exact copy)")
     p.add_argument("--cla-pattern", default="uniform", choices=CLA_PATTERNS, help="which layers produce K/V")
-    p.add_argument("--kv-init", default="mean", choices=KV_INITS,
-                   help="mean: average each group's K/V weights; first: keep the group's first layer's")
+    p.add_argument("--plan", default=None, metavar="search|FILE",
+                   help="search: measure and choose the plan (with --producers or --kv-budget); FILE: a plan.json "
+                        "(e.g. of an earlier conversion) or a JSON list of K/V source layers")
+    p.add_argument("--producers", type=positive_int, default=None, help="plan search: layers that produce K/V")
+    p.add_argument("--kv-budget", type=_fraction, default=None,
+                   help="plan search: KV bytes as a fraction of the source's (0.5: at most half the producers)")
+    p.add_argument("--metric", default="kl", choices=METRICS,
+                   help="plan search: cost of a plan on the calibration tokens (kl: to the original model; loss: "
+                        "cross-entropy)")
+    p.add_argument("--kv-init", default="fit", choices=KV_INITS,
+                   help="fit: least squares on --calibration to each member's K/V, weighted by what its queries and "
+                        "o_proj see; mean: average each group's K/V weights and norm scales; mean-folded: average the "
+                        "maps W diag(norm); first: keep the group's first layer's")
+    p.add_argument("--calibration", default=None, metavar="DATA",
+                   help="text file or glob (or a folder prepared with the model's tokenizer) for --kv-init fit and "
+                        "--plan search; not the text you evaluate on")
+    p.add_argument("--calibration-tokens", type=positive_int, default=None,
+                   help=f"calibration tokens read (default: {CALIBRATION_TOKENS})")
+    p.add_argument("--calibration-seq-len", type=positive_int, default=None,
+                   help=f"tokens per calibration sequence (default: {CALIBRATION_SEQ_LEN})")
+    p.add_argument("--search-tokens", type=positive_int, default=None,
+                   help=f"plan search: score plans on the first this many calibration tokens (default: {SEARCH_TOKENS}; "
+                        "the final fit uses all of --calibration-tokens)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights of OUT (auto: the source's)")
     add_progress_flag(p)
     add_json_flags(p)
@@ -35,17 +72,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert
     from ..errors import CrossLayerError
+    from ..plan import SEARCH_TOKENS, Searcher
 
-    if args.cla_factor is None:
-        raise CrossLayerError("--cla-factor: give the layers per sharing group (1 copies the model exactly)")
+    if args.cla_factor is None and args.plan is None:
+        raise CrossLayerError("--cla-factor: give the layers per sharing group (1 copies the model exactly), or "
+                              "--plan search|FILE")
+    if args.cla_factor is not None and args.plan is not None:
+        raise CrossLayerError("give --cla-factor or --plan, not both")
+    searching = args.plan == "search"
+    if not searching and (args.producers is not None or args.kv_budget is not None or args.search_tokens is not None):
+        raise CrossLayerError("--producers, --kv-budget and --search-tokens belong to --plan search")
+    search = Searcher(args.producers, args.kv_budget, args.metric, args.search_tokens or SEARCH_TOKENS,
+                      progress=not args.no_progress) if searching else None
     s = convert(args.src, args.out, args.cla_factor, args.cla_pattern, args.kv_init, args.dtype,
-                gguf_file=args.gguf_file)
+                gguf_file=args.gguf_file, plan=None if searching else args.plan, search=search,
+                calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+                calibration_seq_len=args.calibration_seq_len, progress=not args.no_progress)
     n = s["layers"]
     print(f"source            {s['source']} ({s['architecture']}, {n} layers)")
-    print(f"K/V producers     {n} -> {len(s['producers'])} of {n} layers {s['producers']} "
-          f"(cla_factor {args.cla_factor}, {args.cla_pattern}, kv_init {s['kv_init']})")
+    if s["calibration"]:
+        c = s["calibration"]
+        print(f"calibration       {c['tokens']:,} tokens ({c['tokens'] // c['seq_len']} x {c['seq_len']}) of "
+              f"{c['data']}")
+    if s["search"]:
+        r = s["search"]
+        unit = "nats/token KL to the original" if r["metric"] == "kl" else "nats/token loss above the original's"
+        print(f"plan search       {r['evaluations']} plans measured on {r['search_tokens']:,} tokens in "
+              f"{r['seconds']:.0f} s; cost in {unit}")
+        print(f"  {'producers':>9s} {'cost':>8s}  step")
+        for step in r["steps"]:
+            print(f"  {step['producers']:>9d} {step['cost']:>8.4f}  {step['step']}")
+    print(f"K/V producers     {n} -> {len(s['producers'])} of {n} layers ({s['chosen_by']}, kv_init {s['kv_init']})")
+    print(f"sharing groups    {s['plan']}")
     print(f"KV bytes / token  {s['kv_bytes_before']:,} -> {s['kv_bytes_after']:,} (16-bit)")
     print(f"parameters        {s['params_before'] / 1e6:,.2f}M -> {s['params_after'] / 1e6:,.2f}M ({s['dtype']})")
     print(f"tokenizer         {', '.join(s['tokenizer_files']) or 'none in the source folder'}")
-    print(f"wrote             {s['out']}")
+    print(f"wrote             {s['out']} (plan in plan.json)")
     return emit(s, args)

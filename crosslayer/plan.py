@@ -1,0 +1,304 @@
+"""Sharing plans measured on data: calibration tokens, what a plan costs, a search for the plan that
+costs least within a KV budget, and plan.json.
+
+A plan is a `kv_sources` list (config.py). Layers of a pretrained model differ a lot in what sharing
+costs them (SmolLM2-135M: layer 1 reusing layer 0's K/V alone multiplies WikiText perplexity by 130,
+most other adjacent pairs cost 1-80%), so a plan is worth measuring rather than fixing in advance.
+
+Everything here runs on a `Reference`: the original (dense) model's activations on calibration
+tokens (convert.Calibration), computed once, and its next-token probabilities. The cost of a plan is
+the mean KL divergence (nats per token) of the converted model's next-token distributions from the
+original's on those tokens. A plan that equals another before layer `start` is measured from that
+plan's hidden state at `start`, so only the layers from there on run.
+
+`search` (contiguous groups of any size): greedy merging of adjacent groups, each merge measured on the
+whole plan, then boundary moves kept while they lower the cost (see `search`). Each producer's K/V
+map is fitted by weighted least squares on the original model's activations (`Reference.fit`),
+the `fit` initialisation of convert.share_kv. `Searcher` packs a search for `convert.convert(search=...)`:
+it scores plans on the first SEARCH_TOKENS calibration tokens (the fit of the final model uses all).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .convert import Calibration, Run, describe, kv_groups
+from .errors import CrossLayerError
+from .modeling import CLAForCausalLM
+
+log = logging.getLogger(__name__)
+
+SEARCH_TOKENS = 1024  # calibration tokens a search scores plans on (the first sequences of the calibration)
+HEAD_ROWS = 256  # tokens per slice through the output layer (a (256, vocab) fp32 block at a time)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans
+
+
+def from_groups(sizes: list[int]) -> list[int]:
+    """kv_sources of contiguous groups of these sizes, front to back: [1, 2, 3] -> [0, 1, 1, 3, 3, 3]."""
+    sources, start = [], 0
+    for size in sizes:
+        sources += [start] * size
+        start += size
+    return sources
+
+
+def producers_for_budget(kv_budget: float, num_layers: int) -> int:
+    """The most producers whose KV bytes stay within `kv_budget` x the dense model's (at least one)."""
+    if not 0 < kv_budget <= 1:
+        raise CrossLayerError(f"kv_budget must be in (0, 1], a fraction of the original KV bytes; got {kv_budget}")
+    return max(1, math.floor(kv_budget * num_layers + 1e-9))
+
+
+# ----------------------------------------------------------------------------------------------
+# The cost of a plan: KL divergence from the original model on calibration tokens
+
+
+class Reference(Calibration):
+    """Calibration activations (convert.Calibration) plus the original model's next-token probabilities
+    (fp16), so a plan run from any layer is scored by its KL divergence to the original."""
+
+    def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4,
+                 progress: bool = False) -> None:
+        super().__init__(dense, tokens, batch_size, progress)
+        self.probs: list[torch.Tensor] = []  # per chunk (b*T, V) fp16: the original next-token probabilities
+        self.neg_entropy = 0.0  # sum over tokens of sum p log p, of the stored probabilities
+        with torch.no_grad():
+            for x in self.hidden[-1]:
+                probs, neg_entropy = self._probs(x)
+                self.probs.append(probs)
+                self.neg_entropy += neg_entropy
+
+    def _logits(self, x: torch.Tensor):
+        """Logits of the final hidden states x (b, T, d), HEAD_ROWS tokens at a time: (start, (rows, V) fp32)."""
+        flat = x.flatten(0, 1)  # (b*T, d)
+        for i in range(0, flat.shape[0], HEAD_ROWS):
+            yield i, self.dense.lm_head(self.dense.model.norm(flat[i : i + HEAD_ROWS])).float()
+
+    def _probs(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The original next-token probabilities (b*T, V) in fp16, and sum p log p of those stored values."""
+        out = torch.empty(x.shape[0] * x.shape[1], self.config.vocab_size, dtype=torch.float16, device=x.device)
+        neg_entropy = 0.0
+        for i, logits in self._logits(x):
+            p = F.softmax(logits, dim=-1).half()
+            out[i : i + p.shape[0]] = p
+            p = p.float()
+            neg_entropy += torch.special.xlogy(p, p).sum().item()
+        return out, neg_entropy
+
+    def kl(self, final: list[torch.Tensor]) -> float:
+        """Mean KL(original || model) in nats per token, of the model whose last layer gave `final`.
+
+        With p the stored original probabilities and z the model's logits, KL = sum p log p - sum p z +
+        (sum p) logsumexp(z): one pass over the vocabulary per token besides the output layer."""
+        total = self.neg_entropy
+        with torch.no_grad():
+            for x, probs in zip(final, self.probs, strict=True):
+                for i, z in self._logits(x):
+                    p = probs[i : i + z.shape[0]].float()  # (rows, V)
+                    total += (p.sum(-1) * torch.logsumexp(z, -1) - (p * z).sum(-1)).sum().item()
+        return total / self.num_tokens
+
+    def loss(self, final: list[torch.Tensor]) -> float:
+        """Mean next-token cross-entropy (nats) of the model whose last layer gave `final`, within each sequence."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, chunk in zip(final, self.chunks, strict=True):
+                logits = self.dense.lm_head(self.dense.model.norm(x[:, :-1])).float()  # (b, T-1, V)
+                total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+                count += chunk[:, 1:].numel()
+        return total / count
+
+    def cost(self, kv_sources: list[int], start: int = 0, hidden: list[torch.Tensor] | None = None,
+             metric: str = "kl", keep_hidden: bool = False, kv_init: str = "fit") -> tuple[float, Run]:
+        """(cost, run) of plan `kv_sources`, run from layer `start`: `kl` (to the original, nats per token)
+        or `loss` (cross-entropy)."""
+        run = self.run(kv_sources, start, hidden, keep_hidden, kv_init)
+        return (self.kl(run.final) if metric == "kl" else self.loss(run.final)), run
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+
+
+METRICS = ("kl", "loss")
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """First layer of each contiguous group."""
+    return [sum(sizes[:g]) for g in range(len(sizes))]
+
+
+class _Search:
+    """The state of a search: the current plan (group sizes), its cost, and its hidden states at every
+    layer (so a change from group g on is measured by running from g's first layer only)."""
+
+    def __init__(self, reference: Reference, metric: str, progress: bool, sizes: list[int] | None = None) -> None:
+        self.reference, self.metric, self.progress = reference, metric, progress
+        self.t0 = time.perf_counter()
+        self.evaluations = 0
+        self.steps: list[dict[str, Any]] = []
+        self.sizes = [1] * reference.config.num_hidden_layers
+        self.base = 0.0 if metric == "kl" else reference.loss(reference.hidden[-1])  # the dense model's cost
+        self.cost = 0.0
+        self.hidden = dict(enumerate(reference.hidden))
+        if sizes is not None and sizes != self.sizes:  # start from a given plan: its cost and hidden states
+            cost, run = self.measure(sizes, 0)
+            self.accept(sizes, cost, run, "start from the given plan")
+
+    def measure(self, sizes: list[int], first: int) -> tuple[float, Run]:
+        """Cost (above the dense model's) of the plan `sizes`, which equals the current plan before layer `first`."""
+        self.evaluations += 1
+        cost, run = self.reference.cost(from_groups(sizes), first, self.hidden[first], self.metric, keep_hidden=True)
+        return cost - self.base, run
+
+    def accept(self, sizes: list[int], cost: float, run: Run, what: str) -> None:
+        before = describe(from_groups(self.sizes))
+        self.sizes, self.cost = sizes, cost
+        self.hidden.update(run.hidden)
+        plan = describe(from_groups(sizes))
+        self.steps.append({"step": what, "from": before, "plan": plan, "producers": len(sizes), "cost": round(cost, 5),
+                           "evaluations": self.evaluations, "seconds": round(time.perf_counter() - self.t0, 1)})
+        log.info(f"[plan] {what}: {plan}: cost {cost:.4f} ({self.evaluations} runs, {time.perf_counter() - self.t0:.0f} s)")
+
+
+def _merged(sizes: list[int], g: int) -> list[int]:
+    """Groups g and g+1 merged into one (g's producer serves both)."""
+    return sizes[:g] + [sizes[g] + sizes[g + 1]] + sizes[g + 2 :]
+
+
+def search(reference: Reference, producers: int, metric: str = "kl", refine_rounds: int = 1,
+           progress: bool = False, start: list[int] | None = None) -> dict[str, Any]:
+    """The contiguous sharing plan of `producers` groups that costs least on the calibration data, as
+    far as this search finds it (module docstring):
+
+      1. greedy merging: from the dense model, repeatedly merge the two adjacent groups whose merge
+         raises the cost of the whole plan least (the earlier group's producer serves both), until
+         `producers` groups are left (or from the contiguous plan `start`, e.g. an earlier search's
+         result for more producers, continuing its merges). Merge costs are kept from earlier steps and only the best one is
+         measured again on the current plan, until the best stays best (lazy greedy);
+      2. boundary moves: the first layer of a group joins the group before it, or the last layer of a
+         group joins the one after it, kept whenever the whole plan's cost falls; `refine_rounds`
+         passes over every boundary at most.
+
+    Every cost is measured on the whole model with fitted K/V maps (`Reference.cost`). Returns
+    kv_sources, its cost and every step taken (plan, cost, runs so far, seconds).
+    """
+    if metric not in METRICS:
+        raise CrossLayerError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    n = reference.config.num_hidden_layers
+    if not 1 <= producers <= n:
+        raise CrossLayerError(f"producers must be between 1 and the model's {n} layers; got {producers}")
+    sizes = None
+    if start is not None:
+        sizes = [len(m) for m in kv_groups(start).values()]
+        if start != from_groups(sizes):
+            raise CrossLayerError(f"search can start from a plan of contiguous groups only; got {describe(start)}")
+        if len(sizes) < producers:
+            raise CrossLayerError(f"the start plan has {len(sizes)} producers, fewer than the {producers} asked for")
+    state = _Search(reference, metric, progress, sizes)
+    bar = _bar(None, progress, "plan search", total=len(state.sizes) - producers)
+
+    # 1. lazy greedy merging. A candidate is a boundary: the first layer of a group that would join
+    # the group before it. heap entries: (cost rise when last measured, boundary layer, at step)
+    heap = []
+    starts = _starts(state.sizes)
+    for g, boundary in enumerate(starts[1:]):
+        cost, _ = state.measure(_merged(state.sizes, g), starts[g])
+        heapq.heappush(heap, (cost - state.cost, boundary, -1))  # stale from the start: measured again when on top
+    step, runs = 0, {}  # runs: boundary -> its run, measured on the current plan
+    while len(state.sizes) > producers:
+        rise, boundary, measured_at = heapq.heappop(heap)
+        starts = _starts(state.sizes)
+        if boundary not in starts[1:]:
+            continue  # merged away already
+        g = starts.index(boundary) - 1
+        candidate = _merged(state.sizes, g)
+        if measured_at == step and boundary in runs:  # measured on the current plan and still the best
+            state.accept(candidate, state.cost + rise, runs[boundary], f"merge layer {boundary} into group {starts[g]}")
+            step, runs = step + 1, {}
+            if bar:
+                bar.update(1)
+            continue
+        cost, runs[boundary] = state.measure(candidate, starts[g])
+        heapq.heappush(heap, (cost - state.cost, boundary, step))
+    if bar:
+        bar.close()
+
+    # 2. boundary moves on the whole plan
+    for round_ in range(refine_rounds):
+        improved = False
+        g = 0
+        while g < len(state.sizes) - 1:
+            sizes, first = state.sizes, _starts(state.sizes)[g]
+            moves = []
+            if sizes[g + 1] > 1:
+                moves.append((sizes[:g] + [sizes[g] + 1, sizes[g + 1] - 1] + sizes[g + 2 :], "back"))
+            if sizes[g] > 1:
+                moves.append((sizes[:g] + [sizes[g] - 1, sizes[g + 1] + 1] + sizes[g + 2 :], "forward"))
+            for candidate, direction in moves:
+                cost, run = state.measure(candidate, first)
+                if cost < state.cost - 1e-6:
+                    layer = first + sizes[g] if direction == "back" else first + sizes[g] - 1
+                    state.accept(candidate, cost, run, f"move layer {layer} {direction} (round {round_ + 1})")
+                    improved = True
+                    break
+            g += 1
+        if not improved:
+            break
+    kv_sources = from_groups(state.sizes)
+    return {"kv_sources": kv_sources, "plan": describe(kv_sources), "producers": producers, "metric": metric,
+            "cost": state.cost, "evaluations": state.evaluations, "steps": state.steps,
+            "seconds": round(time.perf_counter() - state.t0, 1)}
+
+
+@dataclass
+class Searcher:
+    """A plan search for `convert.convert(search=...)`: `producers` groups, or as many as `kv_budget` (a
+    fraction of the dense model's KV bytes) allows; plans scored on the first `search_tokens` of the
+    calibration tokens (whole sequences, at least one)."""
+
+    producers: int | None = None
+    kv_budget: float | None = None
+    metric: str = "kl"
+    search_tokens: int = SEARCH_TOKENS
+    progress: bool = False
+
+    def check(self, num_layers: int) -> int:
+        """The number of producers for a model of `num_layers` layers; refuses settings that cannot work."""
+        if (self.producers is None) == (self.kv_budget is None):
+            raise CrossLayerError("plan search: give exactly one of producers (a number of K/V-producing layers) "
+                                  "or kv_budget (a fraction of the original KV bytes, e.g. 0.5)")
+        producers = self.producers if self.kv_budget is None else producers_for_budget(self.kv_budget, num_layers)
+        if not 1 <= producers <= num_layers:
+            raise CrossLayerError(f"producers must be between 1 and the model's {num_layers} layers; got {producers}")
+        if self.metric not in METRICS:
+            raise CrossLayerError(f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
+        return producers
+
+    def __call__(self, calibration: Calibration) -> dict[str, Any]:
+        producers = self.check(calibration.config.num_hidden_layers)
+        tokens = calibration.tokens[: max(1, self.search_tokens // calibration.tokens.shape[1])]  # (rows, T)
+        reference = Reference(calibration.dense, tokens, progress=self.progress)
+        result = search(reference, producers, self.metric, progress=self.progress)
+        return {**result, "search_tokens": tokens.numel()}
+
+
+def _bar(items, progress: bool, desc: str, total: int | None = None):
+    """A tqdm bar over items (or a bare one of `total` steps when items is None); without progress: the items
+    (or None)."""
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
