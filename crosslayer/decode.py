@@ -21,6 +21,10 @@ attention. Consumers read their producer's K/V, so they read the same 8-bit valu
     same shapes and `torch.compile` (CUDA graphs on a GPU) can capture it.
 Greedy decoding equals transformers' `generate` over a dynamic cache token for token.
 
+On a CPU the model's linear layers run through oneDNN for the duration (`cpu_linears`), on their
+weights as stored (no packed copy): for decode-sized matmuls it is 1.5-2x torch's default BLAS call
+on the AMD EPYC this project measures on (docs/benchmarks.md), which is what vLLM's CPU backend does too.
+
 `chunked_nll` scores a token stream through the same cache, a chunk at a time, so the quality of a
 quantised cache is measured where the cache is read.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -39,11 +44,13 @@ from transformers import AttentionInterface
 from .config import CLAConfig
 from .errors import CrossLayerError
 from .quant import GRANULARITIES, KV_FORMATS, SCALE_DTYPE, QuantizedKV, channel_scale, quantize
-from .runtime import DTYPES
 
 ATTENTION = "crosslayer_decode"
-DEQUANT_BLOCK_BYTES = 8 << 20  # at most this much 8-bit K (or V) is cast to the compute dtype at once
+# an 8-bit K (or V) is cast to the compute dtype in blocks of rows: a 1/16 of them, at least 256 KiB of cast values
+DEQUANT_BLOCKS, DEQUANT_MIN_BYTES = 16, 256 << 10
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
+# 32- and 16-bit storage (crosslayer.runtime holds the names table, but sits above this module's layer)
+FLOAT_KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def decode_attention(
@@ -79,10 +86,10 @@ def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: to
                  scaling: float) -> torch.Tensor:
     """One-token attention over 8-bit K/V, dequantised on the way: the key scales multiply the scores
     (per token) or the query (per channel), the value scales multiply the probabilities; only the 8-bit
-    values are cast, a block of rows at a time, so the transient copy stays under `DEQUANT_BLOCK_BYTES`.
-    q (B, Hkv, G, hd) -> (B, Hkv, G, hd)."""
+    values are cast, a block of rows at a time (1/DEQUANT_BLOCKS of them, or DEQUANT_MIN_BYTES' worth), so
+    the transient copy stays a small part of the cache. q (B, Hkv, G, hd) -> (B, Hkv, G, hd)."""
     B, Hkv, S, hd = key.values.shape
-    rows = max(1, DEQUANT_BLOCK_BYTES // (Hkv * S * hd * q.element_size()))
+    rows = max(-(-B // DEQUANT_BLOCKS), DEQUANT_MIN_BYTES // (Hkv * S * hd * q.element_size()), 1)
     if rows < B:
         return torch.cat([
             _attend_8bit(q[i:i + rows], QuantizedKV(*(t[i:i + rows] for t in key)),
@@ -104,15 +111,50 @@ def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: to
 AttentionInterface.register(ATTENTION, decode_attention)
 
 
+@torch.library.custom_op("crosslayer::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) by oneDNN on a CPU, reading `weight` as it is stored (no packed copy).
+    An opaque op, so torch.compile calls it as it is instead of lowering it."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # (N, out)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return onednn_linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def cpu_linears(model: torch.nn.Module):
+    """Run the model's `nn.Linear` layers through oneDNN while inside (CPU, fp32 or bf16 weights, no
+    autograd); otherwise, and afterwards, as they were."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+               and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    if not torch.backends.mkldnn.is_available() or torch.is_grad_enabled():
+        linears = []
+    for m in linears:
+        m.forward = types.MethodType(_onednn_forward, m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # back to nn.Linear.forward
+
+
 def storage_dtype(kv_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
     """The dtype a cache stores K/V in: the model's (`auto`/None), a float dtype, or an 8-bit format's."""
     if kv_dtype in (None, "auto"):
         return dtype
     if kv_dtype in KV_FORMATS:
         return KV_FORMATS[kv_dtype].dtype
-    if kv_dtype not in DTYPES:
+    if kv_dtype not in FLOAT_KV_DTYPES:
         raise CrossLayerError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
-    return DTYPES[kv_dtype]
+    return FLOAT_KV_DTYPES[kv_dtype]
 
 
 class ProducerCache:
@@ -281,11 +323,7 @@ class Generation:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     step_times: list[float] = field(default_factory=list)  # wall clock after each new token (s since start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    logits: torch.Tensor | None = None  # (B, new, V) with output_logits: what each new token was chosen from
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -306,8 +344,16 @@ def last_logits(model: torch.nn.Module, cache: ProducerCache, ids: torch.Tensor,
 
 
 def compiled(step, device: torch.device):
-    """`torch.compile` of a decode step: whole graph; CUDA graphs on a GPU."""
+    """`torch.compile` of a decode step: whole graph; CUDA graphs on a GPU. Call it inside `compile_room()`."""
     return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
+
+
+@contextmanager
+def compile_room(graphs: int = 64):
+    """Let one decode step keep `graphs` compiled graphs (dynamo's default is 8): it compiles one per model,
+    cache dtype and batch shape, and a benchmark or a server meets many."""
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, graphs)):
+        yield
 
 
 @torch.no_grad()
@@ -328,16 +374,30 @@ def fast_generate(
     cache: ProducerCache | None = None,
     kv_dtype: str | None = None,
     k_granularity: str = "token",
+    output_logits: bool = False,
 ) -> Generation:
     """Decode up to `max_new_tokens` after left-padded prompts `input_ids` (B, T) with `attention_mask`
-    (1 = token, 0 = padding). `compile=True` compiles the decode step (implies static shapes; CUDA
+    (1 = token, 0 = padding; right padding, an empty row, or prompt + max_new_tokens beyond the model's
+    max_position_embeddings are refused before any work). `compile=True` compiles the decode step (implies static shapes; CUDA
     graphs on a GPU). `kv_dtype`: how the cache stores K/V (`ProducerCache`; default the model's dtype).
-    Rows that reach an EOS id are padded from then on; all finished -> stop."""
+    Rows that reach an EOS id are padded from then on; all finished -> stop. `output_logits`: keep the
+    logits each new token was chosen from (`Generation.logits`)."""
     _check_model(model)
     if max_new_tokens < 1:
         raise CrossLayerError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B, T = input_ids.shape
     device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    real = attention_mask.bool()
+    if bool((~real[:, 1:] & real[:, :-1]).any()) or not bool(real[:, -1].all()):
+        raise CrossLayerError("fast_generate needs left-padded prompts (attention_mask 0s before a row's tokens, "
+                              "never after them, and no empty row); pad on the left (tokenizer.padding_side = 'left')")
+    longest = int(real.sum(-1).max())
+    limit = model.config.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise CrossLayerError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                              f"max_position_embeddings ({limit}); shorten the prompt or max_new_tokens")
     dtype = next(model.parameters()).dtype
     static = static or compile
     if cache is None:
@@ -347,9 +407,6 @@ def fast_generate(
         raise CrossLayerError(f"cache is for batch {cache.batch} x {cache.max_len} tokens (static={cache.static}); "
                               f"need {B} x {T + max_new_tokens} (static={static})")
     cache.reset()
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    real = attention_mask.bool()
     padded = not bool(real.all())
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
 
@@ -357,9 +414,11 @@ def fast_generate(
         return last_logits(model, cache, ids, position_ids, mask)
 
     step = compiled(forward, device) if compile else forward
+    # times cover queued device work (crosslayer.runtime.sync does the same, from a layer above this one)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
 
-    with attention_implementation(model, ATTENTION):
-        _sync(device)
+    with attention_implementation(model, ATTENTION), cpu_linears(model), compile_room():
+        sync(device)
         start = time.perf_counter()
         # prefill: causal, padding keys masked, and every position sees itself (so padding rows stay finite)
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), as transformers numbers left-padded rows
@@ -373,16 +432,18 @@ def fast_generate(
         next_pos = positions[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         tokens = [input_ids]
-        times = []
+        times, kept = [], []
         if streamer is not None:
             streamer.put(input_ids.cpu())
         for i in range(max_new_tokens):
+            if output_logits:
+                kept.append(logits.clone())
             tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos.numel():
                 tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
                 finished |= torch.isin(tok, eos)
             tokens.append(tok[:, None])
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
             if streamer is not None:
                 streamer.put(tok.cpu())
@@ -396,7 +457,8 @@ def fast_generate(
             streamer.end()
     sequences = torch.cat(tokens, dim=1)  # (B, T + new)
     decode = times[-1] - times[0] if len(times) > 1 else 0.0
-    return Generation(sequences, cache, prefill_seconds=times[0], decode_seconds=decode, step_times=times)
+    return Generation(sequences, cache, prefill_seconds=times[0], decode_seconds=decode, step_times=times,
+                      logits=torch.stack(kept, dim=1) if output_logits else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,16 +467,21 @@ def fast_generate(
 
 @torch.no_grad()
 def chunked_nll(model: torch.nn.Module, stream: torch.Tensor, segment: int, chunk: int, kv_dtype: str | None = None,
-                k_granularity: str = "token", batch_size: int = 8, progress=None) -> tuple[float, int]:
+                k_granularity: str = "token", batch_size: int = 8, prefill: int = 0,
+                progress=None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (nats) over `stream` and the number of tokens scored.
 
     The stream is cut into segments of `segment` tokens (independent sequences, batched); each is fed
     through a `ProducerCache` storing `kv_dtype`, `chunk` tokens at a time, so chunk j attends to the
-    cache's K/V of chunks 0..j-1 as stored (quantised) and to itself in full precision. Every token
-    of a segment but its first is scored. `progress`: called with the number of segments done."""
+    cache's K/V of chunks 0..j-1 as stored (quantised) and to itself in full precision. With chunk 1
+    every token after the first is a decode step exactly as in `fast_generate` (its own K/V stored,
+    then read back with the rest). `prefill`: the first tokens of each segment fed at once, as a
+    prompt (they attend to each other in full precision and calibrate per-channel key scales). Every
+    token of a segment but its first is scored. `progress`: called with the number of segments done."""
     _check_model(model)
-    if segment < 2 or chunk < 1:
-        raise CrossLayerError(f"need segment >= 2 and chunk >= 1, got segment {segment}, chunk {chunk}")
+    if segment < 2 or chunk < 1 or not 0 <= prefill < segment:
+        raise CrossLayerError(f"need segment >= 2, chunk >= 1 and 0 <= prefill < segment; got segment {segment}, "
+                              f"chunk {chunk}, prefill {prefill}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     n = len(stream) // segment * segment
@@ -422,19 +489,21 @@ def chunked_nll(model: torch.nn.Module, stream: torch.Tensor, segment: int, chun
         raise CrossLayerError(f"the stream has {len(stream)} tokens, fewer than one segment of {segment}")
     rows = stream[:n].view(-1, segment)  # (segments, segment)
     total, count = 0.0, 0
-    with attention_implementation(model, ATTENTION):
+    with attention_implementation(model, ATTENTION), cpu_linears(model):
         for first in range(0, len(rows), batch_size):
             batch = rows[first:first + batch_size].to(device)  # (B, segment)
             cache = ProducerCache(model.config, len(batch), segment, dtype, device, kv_dtype=kv_dtype,
                                   k_granularity=k_granularity)
-            for start in range(0, segment, chunk):
-                ids = batch[:, start:start + chunk]  # (B, c)
+            starts = [0] + list(range(prefill, segment, chunk)) if prefill else list(range(0, segment, chunk))
+            for start, end in zip(starts, starts[1:] + [segment], strict=True):
+                ids = batch[:, start:end]  # (B, c)
                 c = ids.shape[1]
                 positions = torch.arange(start, start + c, device=device)[None]  # (1, c)
-                mask = torch.ones(c, start + c, dtype=torch.bool, device=device).tril(start)[None, None]  # (1, 1, c, S)
+                mask = None if cache.decoding else \
+                    torch.ones(c, start + c, dtype=torch.bool, device=device).tril(start)[None, None]  # (1, 1, c, S)
                 logits = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                                use_cache=True).logits.float()  # (B, c, V)
-                cache.length = start + c
+                cache.length, cache.decoding = start + c, chunk == 1
                 targets = batch[:, start + 1:start + c + 1]  # the segment's last token predicts nothing
                 logprobs = torch.log_softmax(logits[:, :targets.shape[1]], dim=-1)
                 total -= logprobs.gather(-1, targets.unsqueeze(-1)).double().sum().item()

@@ -16,7 +16,7 @@ import torch
 from .decode import KV_DTYPES, fast_generate
 from .errors import CrossLayerError
 from .kv import cache_nbytes
-from .modeling import CLAForCausalLM
+from .modeling import CACHE_NAME, CLAForCausalLM
 
 CACHES = ("auto", "fast", "dynamic", "static")
 
@@ -88,10 +88,11 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         with torch.no_grad():
             out = model.generate(**batch, **kwargs)
     seconds = time.perf_counter() - start
+    held = out.cache if cache == "fast" else getattr(out, CACHE_NAME, None)  # transformers 5.19 names it past_key_values
     new = out.sequences[:, batch["input_ids"].shape[1]:]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return {"texts": texts, "new_tokens": int(new.numel()), "seconds": seconds, "cache": cache,
-            "kv_cache_bytes": cache_nbytes(out.cache) if getattr(out, "cache", None) is not None else 0}
+            "kv_cache_bytes": cache_nbytes(held) if held is not None else 0}
 
 
 def left_padded_batch(tokenizer, prompts: list[str], pad_id: int, chat: bool = False) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ import torch
 from crosslayer import CLAConfig, CLAForCausalLM
 from crosslayer.__main__ import main
 from crosslayer.bench.decode import build_models, bytes_per_decode_step, measure_bandwidth
-from crosslayer.bench.memory import weight_bytes
 
 
 def test_models_share_weights_and_the_cla1_copy_is_exact():
@@ -14,36 +13,55 @@ def test_models_share_weights_and_the_cla1_copy_is_exact():
     ids = torch.randint(0, 4096, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(cla1(ids).logits, llama(ids).logits, rtol=0, atol=1e-6)
-    k = llama.model.layers[0].self_attn.k_proj.weight, llama.model.layers[1].self_attn.k_proj.weight
-    assert torch.equal(cla2.model.layers[0].self_attn.k_proj.weight, (k[0] + k[1]) / 2)
+        # mean-pooled K/V: the CLA2 producer's projection of any input is the mean of what layers 0 and 1
+        # of the Llama project it to (computed by the Llama's own modules), and so is its K/V-input norm
+        x = torch.randn(5, 128)
+        layers = llama.model.layers[0], llama.model.layers[1]
+        producer = cla2.model.layers[0]
+        for ours, theirs in ((producer.self_attn.k_proj, [lay.self_attn.k_proj for lay in layers]),
+                             (producer.self_attn.v_proj, [lay.self_attn.v_proj for lay in layers]),
+                             (producer.kv_layernorm, [lay.input_layernorm for lay in layers])):
+            torch.testing.assert_close(ours(x), (theirs[0](x) + theirs[1](x)) / 2, rtol=1e-6, atol=1e-6)
 
 
-def test_roofline_bytes_and_bandwidth():
+def test_roofline_bytes_by_hand_and_bandwidth():
     model = CLAForCausalLM(CLAConfig.from_preset("tiny-H32-MQA-CLA2")).eval()
-    c = model.config
-    embed = c.vocab_size * c.hidden_size * 4
-    assert bytes_per_decode_step(model, c, 2, 100) == weight_bytes(model) - embed + 2 * c.hidden_size * 4 + 2 * 100 * 512
+    # tiny-H32-MQA-CLA2: d 128, FFN 352, 4 layers, 4 query heads and 1 KV head of 32, producers 0 and 2, vocab 4096
+    per_layer = 128 * 128 * 2 + 3 * 128 * 352 + 2 * 128  # q, o, gate/up/down, two norms
+    per_producer = 2 * 128 * 32 + 128  # k, v, K/V-input norm
+    params = 2 * 4096 * 128 + 4 * per_layer + 2 * per_producer + 128  # embedding, LM head, final norm
+    assert params == 1_738_112
+    weights_read = (params - (4096 - 2) * 128) * 4  # fp32; only the batch's 2 embedding rows are read
+    kv = 2 * 100 * (2 * 1 * 32 * 2 * 4)  # 2 rows x 100 tokens x (K and V x 1 head x 32 x 2 producers x 4 bytes)
+    assert bytes_per_decode_step(model, model.config, 2, 100) == weights_read + kv == 4_958_720
+    kv_int8 = 2 * 100 * (2 * 1 * 2 * (32 + 2))  # one-byte values and a 2-byte scale per token and head
+    assert bytes_per_decode_step(model, model.config, 2, 100, "int8") == weights_read + kv_int8
     bw = measure_bandwidth(torch.device("cpu"), nbytes=16 << 20, repeats=2)
     assert 1e8 < bw < 1e13  # a real copy of 16 MiB took a plausible time
 
 
 def test_cli_table_ratios_and_json(tmp_path, capsys):
     code = main(["bench", "decode", "--preset", "tiny-H32-MQA-CLA2", "--batch-sizes", "1,2", "--prompt-len", "8",
-                 "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--modes", "eager",
-                 "--json", "--json-out", str(tmp_path / "d.json"), "--profile", str(tmp_path / "prof")])
+                 "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--modes", "eager", "--kv-dtypes", "auto,int8",
+                 "--baselines", "generate", "--json", "--json-out", str(tmp_path / "d.json"),
+                 "--profile", str(tmp_path / "prof")])
     assert code == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "d.json").read_text())
-    assert {(r["model"], r["batch"]) for r in result["rows"]} == {
-        (m, b) for m in ("transformers", "CLA1", "tiny-H32-MQA-CLA2") for b in (1, 2)}
-    assert all(r["decode_tokens_per_s"] > 0 and 0 < r["bw_util"] for r in result["rows"])
-    assert result["greedy_equal_to_transformers"] == {"1": {"eager": True}, "2": {"eager": True}}
-    kv = {r["model"]: r["kv_bytes_per_token"] for r in result["rows"]}
-    assert kv["tiny-H32-MQA-CLA2"] * 2 == kv["CLA1"] == kv["transformers"]
-    ratio = result["ratios"][0]
-    rows = {r["model"]: r["decode_tokens_per_s"] for r in result["rows"] if r["batch"] == 1}
-    assert abs(ratio["cla1_over_transformers"] - rows["CLA1"] / rows["transformers"]) < 1e-9
+    assert {(r["model"], r["kv_dtype"], r["batch"]) for r in result["rows"]} == {
+        (m, kv, b) for m, kvs in (("transformers", ["fp32"]), ("CLA1", ["fp32", "int8"]),
+                                  ("tiny-H32-MQA-CLA2", ["fp32", "int8"])) for kv in kvs for b in (1, 2)}
+    assert all(r["decode_tokens_per_s"] > 0 and 0 < r["bw_util"] and r["e2e_tokens_per_s"] > 0 for r in result["rows"])
+    checks = result["greedy_equal_to_transformers"]
+    assert checks["1"]["CLA1/eager/auto"] and checks["2"]["CLA1/eager/auto"]  # fp32: token for token
+    kv = {(r["model"], r["kv_dtype"]): r["kv_bytes_per_token"] for r in result["rows"]}
+    assert kv[("tiny-H32-MQA-CLA2", "fp32")] * 2 == kv[("CLA1", "fp32")] == kv[("transformers", "fp32")] == 1024
+    assert kv[("tiny-H32-MQA-CLA2", "int8")] == 2 * 2 * (32 + 2)  # K and V x 2 producers x (values + scale)
+    ratio = next(e for e in result["ratios"] if e["batch"] == 1 and e["kv_dtype"] == "fp32")
+    rows = {r["model"]: r["decode_tokens_per_s"] for r in result["rows"] if r["batch"] == 1 and r["kv_dtype"] == "fp32"}
+    assert abs(ratio["cla1_over_generate"] - rows["CLA1"] / rows["transformers"]) < 1e-9
     assert len(result["profiles"]) == 2 and "Self CPU" in (tmp_path / "prof" / "profile-ours-eager-b1.txt").read_text()
-    assert main(["bench", "decode", "--modes", "fast"]) == 2
-    assert main(["bench", "decode", "--preset", "tiny-H32-MQA", "--repeats", "1"]) == 2  # shares nothing
+    for bad in (["--modes", "fast"], ["--kv-dtypes", "int4"], ["--baselines", "vllm"],
+                ["--preset", "tiny-H32-MQA", "--repeats", "1"]):  # the last shares nothing
+        assert main(["bench", "decode", *bad]) == 2, bad

@@ -35,23 +35,33 @@ def test_greedy_fast_path_equals_transformers_generate_with_a_dynamic_cache(patt
     assert torch.equal(fast_generate(model, ids[:1], max_new_tokens=20, static=static).sequences, ref)
 
 
-def test_last_logits_equal_a_full_forward_eager_kernel_too():
-    model = _model(attn="eager", cla_factor=2)
+@pytest.mark.parametrize("static", [False, True])
+def test_decode_logits_equal_a_full_forward_eager_kernel_too(static):
+    model = _model(attn="eager", cla_factor=2)  # the full forward attends with transformers-style eager attention
     ids, mask = _batch()
-    out = fast_generate(model, ids, mask, max_new_tokens=6)
-    full = model(out.sequences, attention_mask=torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1)).logits
-    assert torch.equal(full[:, 10:-1].argmax(-1), out.sequences[:, 11:])  # every generated token is the full-forward argmax
+    out = fast_generate(model, ids, mask, max_new_tokens=6, static=static, output_logits=True)
+    with torch.no_grad():
+        full = model(out.sequences, attention_mask=torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1)).logits
+    # the prompt's last position and every decode step (each row's real tokens only; padding never scores)
+    torch.testing.assert_close(out.logits, full[:, 10:-1], rtol=1e-4, atol=1e-4)  # fp32, different kernels
 
 
-def test_cache_holds_producers_only_and_equals_the_analytic_bytes():
+def test_cache_holds_producers_only_and_its_bytes_equal_a_hand_count():
+    ids = torch.randint(0, 211, (3, 12))
     sizes = {}
-    for factor in (1, 2, 3):
-        config = tiny_config(cla_factor=factor)
-        cache = ProducerCache(config, batch=3, max_len=40, dtype=torch.bfloat16, device="cpu")
-        assert cache_nbytes(cache) == 3 * 40 * config.kv_bytes_per_token(2)
-        assert cache.keys.shape[0] == config.num_producer_layers
+    for factor, producers in ((1, 6), (2, 3), (3, 2)):
+        model = _model(cla_factor=factor)
+        cache = fast_generate(model.to(torch.bfloat16), ids, max_new_tokens=4).cache  # 16 slots, bf16
+        assert cache.keys.shape == (producers, 3, 2, 16, 16)  # (producers, batch, KV heads, slots, head_dim)
+        # K and V x producers x 3 rows x 2 KV heads x 16 slots x head_dim 16 x 2 bytes
+        assert cache_nbytes(cache) == 2 * producers * 3 * 2 * 16 * 16 * 2
         sizes[factor] = cache_nbytes(cache)
-    assert sizes[2] * 2 == sizes[1] and sizes[3] * 3 == sizes[1]
+        # what the cache holds for the prompt is each producer's K/V of a plain forward (transformers' cache)
+        with torch.no_grad():
+            reference = model(ids, use_cache=True).cache
+        for slot, layer in enumerate(model.config.producer_layers):
+            assert torch.equal(cache.keys[slot, :, :, :12], reference.layers[layer].keys)
+    assert sizes[1] == 2 * sizes[2] == 3 * sizes[3] == 36864
 
 
 def test_eos_stops_rows_pads_them_and_ends_early():
@@ -102,6 +112,31 @@ def test_reused_cache_and_bad_inputs():
         fast_generate(torch.nn.Linear(2, 2), ids)
     with pytest.raises(CrossLayerError, match="max_new_tokens"):
         fast_generate(model, ids, max_new_tokens=0)
+
+
+def test_right_padding_and_too_long_a_generation_are_refused_before_any_work(monkeypatch):
+    model = _model(cla_factor=2)  # max_position_embeddings 128
+    ids, mask = _batch()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model, "forward", no_work)
+    right = mask.flip(-1)  # the same rows padded on the right
+    with pytest.raises(CrossLayerError, match="left-padded"):
+        fast_generate(model, ids, right, max_new_tokens=4)
+    gap = torch.ones_like(mask)
+    gap[0, 4] = 0  # a hole inside a row
+    with pytest.raises(CrossLayerError, match="left-padded"):
+        fast_generate(model, ids, gap, max_new_tokens=4)
+    empty = mask.clone()
+    empty[2] = 0
+    with pytest.raises(CrossLayerError, match="left-padded"):
+        fast_generate(model, ids, empty, max_new_tokens=4)
+    with pytest.raises(CrossLayerError, match=r"prompt \(11 tokens\) \+ max_new_tokens \(118\) exceeds .* \(128\)"):
+        fast_generate(model, ids, mask, max_new_tokens=118)
+    monkeypatch.undo()
+    assert fast_generate(model, ids, mask, max_new_tokens=117).sequences.shape == (3, 11 + 117)  # exactly at the limit
 
 
 def test_compiled_decode_step_equals_eager():

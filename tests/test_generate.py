@@ -34,6 +34,20 @@ def test_greedy_cli_streams_the_models_own_greedy_continuation(model_dir, capsys
     assert kv == (ids.shape[1] + 11) * model.config.kv_bytes_per_token(4)
 
 
+def test_int8_cache_from_the_cli_holds_a_quarter_of_the_fp32_bytes(model_dir, capsys, wiki_tokenizer):
+    prompt = "The history of the city"
+    n = len(wiki_tokenizer(prompt).input_ids) + 12  # prompt + new tokens: the slots preallocated
+    held = {}
+    for kv_dtype in ("auto", "int8"):
+        assert main(["generate", str(model_dir), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+                     "--kv-dtype", kv_dtype]) == 0
+        err = capsys.readouterr().err
+        held[kv_dtype] = int(err.split("KV cache ")[1].split(" bytes")[0].replace(",", ""))
+    # tiny-H32-MQA-CLA2: K and V x 2 producers x 1 KV head x 32 channels, fp32 or one byte + a 2-byte scale
+    assert held["auto"] == n * 2 * 2 * 1 * 32 * 4 and held["int8"] == n * 2 * 2 * 1 * (32 + 2)
+    assert main(["generate", str(model_dir), "--prompt", prompt, "--kv-dtype", "int8", "--cache", "dynamic"]) == 2
+
+
 def test_batch_is_left_padded_static_equals_dynamic_and_seeded_sampling_repeats(model_dir, wiki_tokenizer):
     model = CLAForCausalLM.from_pretrained(model_dir).eval()
     prompts = ["A long prompt about the war and its end", "Short"]

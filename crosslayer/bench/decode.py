@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..config import CLAConfig, to_llama_config
-from ..convert import from_hf, load_source
+from ..convert import from_hf, load_source, target_config
 from ..decode import fast_generate
 from ..errors import CrossLayerError
 from ..kv import kv_bytes_per_token
@@ -129,8 +129,7 @@ def build_models(preset: str | None, device: torch.device, dtype: torch.dtype, m
 
     if model is not None:
         llama = load_source(model, dtype=dtype).to(device).eval()
-        config = CLAConfig(**{**from_hf(llama).config.to_diff_dict(), "kv_sources": None, "cla_factor": cla_factor,
-                              "cla_pattern": "uniform"})
+        config = target_config({**llama.config.to_dict(), "architectures": [type(llama).__name__]}, cla_factor)
         name = f"{Path(model).name} (CLA{cla_factor})"
     else:
         config = CLAConfig.from_preset(preset)
@@ -227,8 +226,11 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
     result = {"benchmark": "decode", "device": device_name(device), "torch": torch.__version__, "preset": preset,
               "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "rows": rows,
               "greedy_equal_to_transformers": checks}
-    if vllm_python:
-        vllm = vllm_reference(llama, prompts, new_tokens, repeats, vllm_python)
+    if vllm_python:  # a reference only: its failure is reported, not raised, so our figures are kept
+        try:
+            vllm = vllm_reference(llama, prompts, new_tokens, repeats, vllm_python)
+        except (CrossLayerError, OSError, subprocess.TimeoutExpired) as e:
+            vllm, result["vllm_error"] = {"version": None}, str(e)
         result["vllm_version"] = vllm.pop("version")
         for batch, r in vllm.items():
             rows.append({"model": "vLLM", "path": "offline", "kv_dtype": r["dtype"], "batch": batch,

@@ -29,7 +29,16 @@ from typing import Any
 import torch
 
 from ..config import CLAConfig
-from ..decode import ATTENTION, ProducerCache, attention_implementation, compiled, last_logits, storage_dtype
+from ..decode import (
+    ATTENTION,
+    ProducerCache,
+    attention_implementation,
+    compile_room,
+    compiled,
+    cpu_linears,
+    last_logits,
+    storage_dtype,
+)
 from ..errors import CrossLayerError
 from ..kv import cache_nbytes, kv_bytes_per_token
 from ..modeling import CLAForCausalLM
@@ -105,7 +114,7 @@ def _one_decode_step(model: CLAForCausalLM, batch: int, context: int, kv_dtype: 
     cache.length, cache.decoding = context - 1, True
     ids = torch.zeros(batch, 1, dtype=torch.long, device=param.device)
     positions = torch.full((batch, 1), context - 1, device=param.device)
-    with attention_implementation(model, ATTENTION):
+    with attention_implementation(model, ATTENTION), cpu_linears(model):
         last_logits(model, cache, ids, positions, cache.next_slot(masked=True))
 
 
@@ -178,7 +187,7 @@ def decode_throughput(model: CLAForCausalLM, batch: int, context: int, new_token
         return last_logits(model, cache, ids, position_ids, mask)
 
     run = compiled(step, device) if compile else step
-    with attention_implementation(model, ATTENTION):
+    with attention_implementation(model, ATTENTION), cpu_linears(model), compile_room():
         for i in range(new_tokens):
             if i == 1:  # the first step (compilation, first touches) is not timed
                 sync(device)
@@ -191,9 +200,10 @@ def decode_throughput(model: CLAForCausalLM, batch: int, context: int, new_token
 
 
 def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], budget: int | None, dtype: str,
-               device: torch.device, kv_dtypes: list[str] = ("auto",), decode_tokens: int = 0) -> dict:
+               device: torch.device, kv_dtypes: list[str] = ("auto",), decode_tokens: int = 0,
+               compile: bool = False) -> dict:
     """Measured vs analytic KV bytes; with `budget`, the largest batch per preset x KV dtype x context,
-    and with `decode_tokens` (>= 2) the decode tokens/s at that batch."""
+    and with `decode_tokens` (>= 2) the decode tokens/s at that batch (`compile`: compiled decode step)."""
     torch_dtype = pick_dtype(dtype, device)
     for kv_dtype in kv_dtypes:
         storage_dtype(kv_dtype, torch_dtype)  # a bad name fails before any model is built
@@ -220,11 +230,11 @@ def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], 
                 if found:
                     entry["allocated_bytes"] = allocation_bytes(model, found, t, kv_dtype, weights)
                 if decode_tokens and found:
-                    entry["decode_tokens_per_s"] = decode_throughput(model, found, t, decode_tokens, kv_dtype)
+                    entry["decode_tokens_per_s"] = decode_throughput(model, found, t, decode_tokens, kv_dtype, compile)
                 capacity.append(entry)
         del model
     return {"benchmark": "memory", "device": str(device), "dtype": dtype, "torch": torch.__version__,
-            "rows": rows, "capacity": capacity, "decode_tokens": decode_tokens}
+            "rows": rows, "capacity": capacity, "decode_tokens": decode_tokens, "decode_compiled": compile}
 
 
 def plot(result: dict, presets: list[str], path: str | Path) -> None:

@@ -44,6 +44,7 @@ def _register_memory(sub) -> None:
     p.add_argument("--budget", default=None, metavar="SIZE", help="memory budget for the largest-batch search, e.g. 256MiB")
     p.add_argument("--decode-tokens", type=non_negative_int, default=0,
                    help="with --budget: decode this many tokens at each largest batch and report tokens/s (0: no)")
+    p.add_argument("--compile", action="store_true", help="with --decode-tokens: torch.compile the decode step")
     _device_flags(p, "bf16")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the KV-vs-context plot here")
     add_json_flags(p)
@@ -60,7 +61,7 @@ def run_memory(args: argparse.Namespace) -> int:
     if args.decode_tokens and budget is None:
         raise CrossLayerError("--decode-tokens decodes at the largest batch within --budget: give --budget too")
     result = run_memory(args.presets, args.batch_sizes, args.context_lengths, budget, args.dtype,
-                        pick_device(args.device), args.kv_dtypes, args.decode_tokens)
+                        pick_device(args.device), args.kv_dtypes, args.decode_tokens, args.compile)
     print(f"{'preset':22s} {'KV dtype':>8s} {'batch':>5s} {'context':>7s} {'analytic KV':>13s} {'measured KV':>13s}")
     for r in result["rows"]:
         print(f"{r['preset']:22s} {r['kv_dtype']:>8s} {r['batch']:>5d} {r['context']:>7d} {r['analytic_bytes']:>13,} "
@@ -159,6 +160,8 @@ def run_decode(args: argparse.Namespace) -> int:
         print(line)
     if result["greedy_equal_to_transformers"]:
         print(f"greedy tokens == transformers generate's: {result['greedy_equal_to_transformers']}")
+    if "vllm_error" in result:
+        print(f"vLLM reference: {result['vllm_error']}")
     return emit(result, args)
 
 
