@@ -58,7 +58,7 @@ def train(recipe: str, out: Path, sets: list[str], lock: str | None, init: Path 
 
 def convert(src: Path, out: Path, kv_init: str, lock: str | None, factor: int = 2) -> None:
     if not (REPO / out / "config.json").exists():
-        sh(["crosslayer", "convert", str(src), str(out), "--cla-factor", str(factor), "--kv-init", kv_init], lock)
+        sh(["crosslayer", "convert", str(src), "--out", str(out), "--cla-factor", str(factor), "--kv-init", kv_init], lock)
 
 
 def val_ppl(folder: Path, lock: str | None) -> float:
