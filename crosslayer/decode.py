@@ -22,8 +22,9 @@ attention. Consumers read their producer's K/V, so they read the same 8-bit valu
 Greedy decoding equals transformers' `generate` over a dynamic cache token for token.
 
 On a CPU the model's linear layers run through oneDNN for the duration (`cpu_linears`), on their
-weights as stored (no packed copy): for decode-sized matmuls it is 1.5-2x torch's default BLAS call
-on the AMD EPYC this project measures on (docs/benchmarks.md), which is what vLLM's CPU backend does too.
+weights as stored (no packed copy), where that is faster: for large weights (an LM head) and 8 or more
+rows it is 1.7-2.4x torch's default BLAS call on the AMD EPYC this project measures on, for a small
+weight at one row 2-3x slower (a fixed ~50 us a call), so those stay with torch (docs/benchmarks.md).
 
 `chunked_nll` scores a token stream through the same cache, a chunk at a time, so the quality of a
 quantised cache is measured where the cache is read.
@@ -111,6 +112,10 @@ def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: to
 AttentionInterface.register(ATTENTION, decode_attention)
 
 
+# oneDNN for a linear with at least this many rows or weight elements; torch's own call below both
+ONEDNN_MIN_ROWS, ONEDNN_MIN_WEIGHT = 8, 1 << 20
+
+
 @torch.library.custom_op("crosslayer::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T (+ bias) by oneDNN on a CPU, reading `weight` as it is stored (no packed copy).
@@ -126,6 +131,10 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # few rows of a small weight: torch's own call (oneDNN's fixed cost per call dominates there); decided
+    # from shapes, so a compiled step settles it once while tracing
+    if x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] and self.weight.numel() < ONEDNN_MIN_WEIGHT:
+        return F.linear(x, self.weight, self.bias)
     return onednn_linear(x, self.weight, self.bias)
 
 

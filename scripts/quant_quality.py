@@ -18,7 +18,8 @@ prefill would never read the cache). Every token but each segment's first is sco
 Passkey: `crosslayer.eval.passkey.build_prompt` prompts (lengths x depths x trials, random 5-digit
 keys), prefilled in full precision, answered greedily by `fast_generate` through the cache.
 Greedy check: the chat prompt "What is the capital of France?", 32 tokens, each cache against bf16.
-Prints a table and writes every figure to --out (JSON).
+Prints a table and writes every figure to --out (JSON). `--kv-bytes`: only the bytes per token of a
+live cache per model and cache, measured against the analytic figure (seconds, not minutes).
 """
 
 from __future__ import annotations
@@ -78,6 +79,35 @@ def passkey_accuracy(model, tokenizer, kv_dtype: str, granularity: str, lengths:
     return {"accuracy": hits / (len(lengths) * len(depths) * trials), "cells": cells}
 
 
+def kv_bytes(folders: dict[str, Path], names: list[str], caches: list[str], out_path: Path) -> int:
+    """Bytes per token of a live ProducerCache (crosslayer.kv.cache_nbytes over its slots) against the
+    analytic crosslayer.kv.kv_bytes_per_token; ratios against the first model's bf16 cache."""
+    from crosslayer.decode import fast_generate
+    from crosslayer.kv import cache_nbytes, kv_bytes_per_token
+    from crosslayer.runtime import load_model
+
+    rows = []
+    for name in names:
+        model, _ = load_model(folders[name], device="cpu", dtype="fp32")
+        ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+        for spec in caches:
+            kv_dtype, _, granularity = spec.partition(":")
+            out = fast_generate(model, ids, max_new_tokens=28, kv_dtype=kv_dtype, k_granularity=granularity or "token")
+            slots = 2 * 128  # batch x (100 prompt + 28 new) preallocated
+            rows.append({"model": name, "producers": model.config.num_producer_layers, "cache": spec,
+                         "measured_per_token": cache_nbytes(out.cache) / slots,
+                         "analytic_per_token": kv_bytes_per_token(model.config, kv_dtype)})
+        del model
+    base = rows[0]["measured_per_token"]
+    print(f"{'model':10s} {'cache':14s} {'measured B/token':>16s} {'analytic':>9s} {'vs first':>8s}")
+    for r in rows:
+        r["vs_first"] = r["measured_per_token"] / base
+        print(f"{r['model']:10s} {r['cache']:14s} {r['measured_per_token']:>16,.1f} {r['analytic_per_token']:>9,} "
+              f"{r['vs_first']:>8.4f}")
+    out_path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/crosslayer-quant", help="where the converted models are kept")
@@ -94,6 +124,9 @@ def main() -> int:
     parser.add_argument("--passkey-lengths", default="256,512,1024")
     parser.add_argument("--passkey-depths", default="0,0.5,1")
     parser.add_argument("--passkey-trials", type=int, default=3)
+    parser.add_argument("--kv-bytes", action="store_true",
+                        help="only measure KV bytes per token: a live cache after a real prefill of 2 x 100 random "
+                             "tokens and 28 decoded ones, per model and cache, against crosslayer.kv's analytic figure")
     args = parser.parse_args()
 
     from crosslayer.decode import chunked_nll, fast_generate
@@ -107,6 +140,8 @@ def main() -> int:
                "cla2_plan": CLA2_PLAN, "models": {n: str(f) for n, f in folders.items()},
                "torch": torch.__version__, "rows": []}
     out_path = Path(args.out)
+    if args.kv_bytes:
+        return kv_bytes(folders, names, args.caches.split(","), out_path)
     for name in names:
         model, tokenizer = load_model(folders[name], device="cpu", dtype="fp32")
         text = WIKI.read_text(encoding="utf-8")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError
-from crosslayer.decode import ProducerCache, fast_generate, sample_next
+from crosslayer.decode import ProducerCache, cpu_linears, fast_generate, onednn_linear, sample_next
 from crosslayer.kv import cache_nbytes
 from tests.conftest import tiny_config
 
@@ -146,3 +146,22 @@ def test_compiled_decode_step_equals_eager():
     eager = fast_generate(model, ids, max_new_tokens=10).sequences
     compiled = fast_generate(model, ids, max_new_tokens=10, compile=True).sequences
     assert torch.equal(eager, compiled)
+
+
+def test_cpu_linears_equal_torchs_linear_on_both_paths():
+    torch.manual_seed(0)
+    for rows, (n, k) in ((1, (48, 32)), (9, (48, 32)), (1, (1024, 1024)), (3, (1024, 1030))):
+        x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+        expected = x.double() @ w.double().T + b.double()  # a plain matmul in double precision
+        for bias in (b, None):
+            out = onednn_linear(x, w, bias)
+            torch.testing.assert_close(out.double(), expected - (0 if bias is not None else b.double()),
+                                       rtol=1e-4, atol=1e-4)
+    model = _model(cla_factor=2)
+    for ids in (torch.randint(1, 211, (2, 9)), torch.randint(1, 211, (1, 1))):  # oneDNN (18 rows); torch (1 row)
+        with torch.no_grad():
+            plain = model(ids).logits
+            with cpu_linears(model):
+                routed = model(ids).logits
+        torch.testing.assert_close(routed, plain, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(model.lm_head)  # restored afterwards
