@@ -1,4 +1,4 @@
-"""`crosslayer bench memory|decode|train`: benchmarks; each prints a table, then (with --json) one JSON line."""
+"""`crosslayer bench memory|decode|train|serve`: benchmarks; each prints a table, then (with --json) one JSON line."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from . import add_json_flags, add_progress_flag, emit, int_list, name_list, non_
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: KV memory, decode speed, training throughput",
+    p = sub.add_parser("bench", help="benchmarks: KV memory, decode speed, training throughput, vLLM serving",
                        description="Benchmarks that warm up, synchronise, repeat, and report medians.")
     benches = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True, parser_class=type(p))
     _register_memory(benches)
     _register_decode(benches)
     _register_train(benches)
+    _register_serve(benches)
 
 
 def _device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
@@ -209,4 +210,98 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"ours / transformers ({args.presets[0]}): {result['ours_over_transformers']:.3f}x")
     if "second_over_first" in result:
         print(f"{args.presets[1]} / {args.presets[0]}: {result['second_over_first']:.3f}x")
+    return emit(result, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# serve
+
+
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # vLLM's dtype names -> ours
+
+
+def length_range(text: str) -> tuple[int, int]:
+    """LO:HI (or N) -> (lo, hi), positive integers with lo <= hi."""
+    lo, _, hi = text.partition(":")
+    try:
+        bounds = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI token counts such as 128:512, got {text!r}") from None
+    if bounds[0] < 1 or bounds[0] > bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return bounds
+
+
+def _register_serve(sub) -> None:
+    from ..bench import serve
+
+    p = sub.add_parser("serve", help="vLLM offline throughput at fixed KV budgets: a CLA model vs its twin (needs vLLM)",
+                       description=serve.__doc__)
+    p.add_argument("--models", type=name_list, default=None, metavar="NAME=DIR,...",
+                   help="crosslayer folders to serve, the first is the baseline (default: random-weight CLA1 and CLA2 "
+                        "of the SmolLM2-135M shape, written under --out)")
+    p.add_argument("--out", default="runs/bench-serve", metavar="DIR",
+                   help="folder for the default models, serve.json and (with --plot) the plot")
+    p.add_argument("--budgets", type=name_list, default=["32MiB", "128MiB", "512MiB"],
+                   help="KV-cache budgets (bytes of KV pages vLLM may allocate), e.g. 32MiB,512MiB")
+    p.add_argument("--kv-dtypes", type=name_list, default=list(serve.KV_DTYPES),
+                   help=f"vLLM KV-cache dtypes, of {', '.join(serve.KV_DTYPES)} (auto: the weights' dtype)")
+    p.add_argument("--requests", type=positive_int, default=256, help="requests, all queued at once")
+    p.add_argument("--prompt-len", type=length_range, default=(128, 512), metavar="LO:HI",
+                   help="prompt tokens per request, uniform in LO..HI")
+    p.add_argument("--output-len", type=length_range, default=(32, 256), metavar="LO:HI",
+                   help="generated tokens per request, uniform in LO..HI (greedy, ignore_eos)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="vLLM's cap on requests running at once")
+    p.add_argument("--dtype", default="bfloat16", choices=list(SHORT_DTYPES), help="weights' dtype in vLLM")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (prompt tokens and lengths)")
+    p.add_argument("--plot", action="store_true", help="also write OUT/serve.png: output tokens/s against the budget")
+    add_json_flags(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from ..bench.serve import KV_DTYPES, plot, run_serve, twin_models
+    from ..errors import CrossLayerError
+    from ..kv import parse_bytes
+
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise CrossLayerError("bench serve needs vLLM beside crosslayer: see docs/serving.md (scripts/vllm-env.sh)") from None
+    if set(args.kv_dtypes) - set(KV_DTYPES):
+        raise CrossLayerError(f"--kv-dtypes: of {', '.join(KV_DTYPES)}, got {','.join(args.kv_dtypes)!r}")
+    budgets = [parse_bytes(b) for b in args.budgets]
+    out = Path(args.out)
+    if args.models:
+        models = {}
+        for item in args.models:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                raise CrossLayerError(f"--models: NAME=DIR items, got {item!r}")
+            if not (Path(folder) / "config.json").is_file():
+                raise CrossLayerError(f"--models: {folder} is not a model folder (no config.json)")
+            models[name] = Path(folder)
+    else:
+        twins = twin_models(out / "models", dtype=args.dtype)
+        models = {"CLA1 (GQA3)": twins["cla1"], "CLA2": twins["cla2"]}
+    result = run_serve(models, budgets, tuple(args.kv_dtypes), requests=args.requests, prompt_len=args.prompt_len,
+                       output_len=args.output_len, dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=args.seed)
+    print(f"{'model':14s} {'KV':>5s} {'budget':>8s} {'capacity':>9s} {'x':>5s} {'req/s':>6s} {'out tok/s':>9s} "
+          f"{'x':>5s} {'peak run':>8s} {'preempt':>7s} {'wall s':>7s}")
+    for r in result["rows"]:
+        print(f"{r['model']:14s} {r['kv_cache_dtype'].replace('auto', SHORT_DTYPES[args.dtype]):>5s} "
+              f"{r['budget_bytes'] / 2**20:>5.0f}MiB {r['kv_capacity_tokens']:>9,} {r.get('capacity_vs_baseline', 0):>5.2f} "
+              f"{r['requests_per_s']:>6.2f} {r['output_tokens_per_s']:>9.1f} {r.get('throughput_vs_baseline', 0):>5.2f} "
+              f"{r['peak_running']:>8d} {r['preemptions']:>7d} {r['wall_s']:>7.1f}")
+    print(f"({result['requests']} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]}, outputs "
+          f"{args.output_len[0]}-{args.output_len[1]} tokens; x = against {result['baseline']} at the same budget and "
+          f"the weights' KV dtype; {result['engine']}, {result['machine']})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(result, out / "serve.png")
     return emit(result, args)
