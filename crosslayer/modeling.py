@@ -318,6 +318,18 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate(cache_implementation="quantized")`: transformers' QuantizedCache refuses a config whose
+        layers share K/V, so producers get the backend's quantised layer and consumers a DummyLayer."""
+        if (generation_config.cache_implementation == "quantized" and model_kwargs.get(CACHE_NAME) is None
+                and self.config.num_producer_layers < self.config.num_hidden_layers):
+            from .quant import quantized_cache
+
+            options = dict(generation_config.cache_config or {})
+            model_kwargs[CACHE_NAME] = quantized_cache(self.config, options.pop("backend", "quanto"), **options)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -11,9 +11,9 @@ PACKAGE = REPO / "crosslayer"
 LAYERS = [
     {"errors"},
     {"recipe"},
-    {"config"},
+    {"config", "quant"},  # quant: 8-bit K/V and the producers-only QuantizedCache modeling's generate builds
     {"modeling", ""},  # "" is the package root: importing it registers the model classes
-    {"kv", "quant", "decode", "checkpoint"},
+    {"kv", "decode", "checkpoint"},
     {"runtime"},
     {"convert", "data", "generate"},
     {"recover", "plan"},

@@ -233,15 +233,16 @@ def test_quantized_cache_cla1_copy_equals_llama_and_cla2_stores_producers_only(b
     assert cache_nbytes(getattr(unshared, CACHE_NAME)) == cache_nbytes(getattr(shared, CACHE_NAME))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="transformers' QuantizedCache refuses a config whose layers share K/V ('dummy' layer types); "
-                          "CLAForCausalLM must build it with crosslayer.quant.quantized_cache (patch in issue 14's note)")
 def test_generate_with_cache_implementation_quantized_stores_producers_only(llama_and_copies):
     _, _, cla2 = llama_and_copies
-    out = cla2.generate(torch.randint(1, 211, (2, 24)), max_new_tokens=4, do_sample=False, pad_token_id=0,
-                        return_dict_in_generate=True, cache_implementation="quantized", cache_config={"backend": "fp8"})
+    ids = torch.randint(1, 211, (2, 24))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    out = cla2.generate(ids, cache_implementation="quantized", cache_config={"backend": "fp8"}, **kwargs)
     layers = getattr(out, CACHE_NAME).layers
     assert [i for i, layer in enumerate(layers) if not isinstance(layer, DummyLayer)] == cla2.config.producer_layers
+    # the same tokens as transformers' own QuantizedCache with a quantised slot for every layer
+    unshared = cla2.generate(ids, cache=QuantizedCache("fp8", PreTrainedConfig(num_hidden_layers=6)), **kwargs)
+    assert torch.equal(out.sequences, unshared.sequences)
 
 
 def test_fp8_quantized_cache_bytes_by_hand(llama_and_copies):
