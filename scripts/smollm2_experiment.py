@@ -224,7 +224,8 @@ def matrix(lock: str | None, budgets: list[str]) -> None:
 CHECKPOINT_EVERY = {"full": 2, "control": 2, "kv": 2, "logits": 2, "attention": 4}
 
 
-def recover(lock: str | None, methods: list[str], init: str, minutes: float, tag: str) -> None:
+def recover(lock: str | None, methods: list[str], init: str, minutes: float, tag: str,
+            checkpoint_every: int | None = None) -> None:
     """Each recovery method for `minutes` of training wall time (`max_minutes`; constant learning rate
     after no warm-up, so a cut by time ends no schedule early), from the converted model `init`, and the
     control: the original's CLA1 copy uptrained the same way. WikiText-2 ppl of every checkpoint."""
@@ -238,7 +239,7 @@ def recover(lock: str | None, methods: list[str], init: str, minutes: float, tag
         if key in runs and runs[key].get("curve"):
             continue
         sets = {"max_steps": 10000, "max_minutes": minutes, "warmup_frac": 0.0, "min_lr_ratio": 1.0,
-                "batch_tokens": 2048, "micro_batch": 4, "checkpoint_every": CHECKPOINT_EVERY[method],
+                "batch_tokens": 2048, "micro_batch": 4, "checkpoint_every": checkpoint_every or CHECKPOINT_EVERY[method],
                 "keep_checkpoints": 50, "eval_tokens": 4096}
         cmd = ["crosslayer", "train", recipe, "--init", str(start), "--out", str(out), "--no-progress"]
         for k, v in sets.items():
@@ -385,6 +386,7 @@ def main() -> None:
     p.add_argument("--init", default=str(ROOT / "search-15"), help="the converted model recovery starts from")
     p.add_argument("--tag", default="50", help="names the recovery runs (recover-TAG-METHOD)")
     p.add_argument("--minutes", type=float, default=30, help="CPU minutes per recovery method")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="recover: steps between scored checkpoints")
     p.add_argument("--models", default=f"original={GGUF}",
                    help="final: comma-separated NAME=MODEL (folder or .gguf) to evaluate; auto: the original, --init "
                         "and the recovery run that ended lowest")
@@ -397,7 +399,7 @@ def main() -> None:
     elif args.step == "matrix":
         matrix(args.lock, budgets)
     elif args.step == "recover":
-        recover(args.lock, args.methods.split(","), args.init, args.minutes, args.tag)
+        recover(args.lock, args.methods.split(","), args.init, args.minutes, args.tag, args.checkpoint_every)
     elif args.step == "final":
         models = args.models
         if models == "auto":  # the original, the converted model recovery started from, the best recovered one

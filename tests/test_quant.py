@@ -196,9 +196,9 @@ def test_scoring_through_the_cache_equals_a_full_forward_and_8bit_costs_little()
 # transformers' QuantizedCache
 
 BACKENDS = {
-    "fp8": ({}, None),
-    "quanto": (dict(nbits=4, q_group_size=16, residual_length=8), "optimum.quanto"),
-    "hqq": (dict(nbits=4, q_group_size=16, residual_length=8), "hqq"),
+    "fp8": ({}, None),  # backend -> (its options, (module, pip package) or None)
+    "quanto": (dict(nbits=4, q_group_size=16, residual_length=8), ("optimum.quanto", "optimum-quanto")),
+    "hqq": (dict(nbits=4, q_group_size=16, residual_length=8), ("hqq", "hqq")),
 }
 
 
@@ -213,7 +213,8 @@ def llama_and_copies():
 def test_quantized_cache_cla1_copy_equals_llama_and_cla2_stores_producers_only(backend, llama_and_copies):
     options, package = BACKENDS[backend]
     if package is not None:
-        pytest.importorskip(package, reason=f"the {backend} backend needs `pip install {package.split('.')[-1]}`")
+        module, dist = package
+        pytest.importorskip(module, reason=f"the {backend} backend needs `pip install {dist}` (not in the dev extra)")
     llama, cla1, cla2 = llama_and_copies
     ids = torch.randint(1, 211, (2, 24))
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
