@@ -27,6 +27,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a CPU other jobs share (use per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides):
     """A tiny fp32 CLA config; 4 layers so every sharing pattern differs."""
     from crosslayer import CLAConfig
