@@ -77,7 +77,13 @@ def device_name(device: torch.device) -> str:
     """A human name of the device, for benchmark reports."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()  # often just "x86_64" on Linux: the model name is better
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} CPU, {torch.get_num_threads()} threads"
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

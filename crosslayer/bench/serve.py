@@ -19,8 +19,6 @@ ratios, machine); `plot` draws output tokens/s against the budget.
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 from ..config import CLAConfig
 from ..errors import CrossLayerError
+from ..runtime import device_name
 from ..serving.offline import kv_capacity_tokens, offline_engine
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tupl
                        "num_layers": configs[name].num_hidden_layers}
                 row.update(run_one(path, budget, kv, workload, dtype, max_num_seqs, enforce_eager))
                 log.info(f"  {row['output_tokens_per_s']:.1f} output tok/s, peak {row['peak_running']} running, "
-                     f"{row['preemptions']} preemptions, capacity {row['kv_capacity_tokens']:,} tokens")
+                         f"{row['preemptions']} preemptions, capacity {row['kv_capacity_tokens']:,} tokens")
                 rows.append(row)
     for row in rows:
         base = next(r for r in rows if r["model"] == baseline and r["kv_cache_dtype"] == "auto"
@@ -189,21 +188,8 @@ def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tupl
         "requests": requests, "prompt_len": list(prompt_len), "output_len": list(output_len), "seed": seed,
         "max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager,
         "models": {name: {"path": str(path), "kv_sources": configs[name].kv_sources} for name, path in models.items()},
-        "machine": _machine(), "rows": rows,
+        "machine": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "rows": rows,
     }
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return gpu or f"{cpu}, {os.cpu_count()} CPUs"
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

@@ -143,7 +143,7 @@ def _row(name: str, config: CLAConfig, times: list[float], batch_tokens: int, ar
 def _peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.getdevice_name(device)
+    name = device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
