@@ -32,9 +32,11 @@ quantised cache is measured where the cache is read.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import types
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -45,6 +47,8 @@ from transformers import AttentionInterface
 from .config import CLAConfig
 from .errors import CrossLayerError
 from .quant import GRANULARITIES, KV_FORMATS, SCALE_DTYPE, QuantizedKV, channel_scale, quantize
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = "crosslayer_decode"
 # an 8-bit K (or V) is cast to the compute dtype in blocks of rows: a 1/16 of them, at least 256 KiB of cast values
@@ -112,47 +116,68 @@ def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: to
 AttentionInterface.register(ATTENTION, decode_attention)
 
 
-# oneDNN for a linear with at least this many rows or weight elements; torch's own call below both
+# oneDNN (prepacked weight) for a linear with at least this many rows, or in eager mode this many weight elements;
+# torch's own call (in a compiled step: inductor's autotuned GEMM) below both
 ONEDNN_MIN_ROWS, ONEDNN_MIN_WEIGHT = 8, 1 << 20
 
+# weights reordered into oneDNN's blocked layout, by (address, shape, version): filled inside `cpu_linears`
+_PACKED: dict[tuple, torch.Tensor] = {}
+_pack_rows = [ONEDNN_MIN_ROWS]  # the batch size oneDNN packs for (a hint: any number of rows runs on a pack)
 
-@torch.library.custom_op("crosslayer::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias) by oneDNN on a CPU, reading `weight` as it is stored (no packed copy).
-    An opaque op, so torch.compile calls it as it is instead of lowering it."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")  # (N, out)
-    return out.view(*x.shape[:-1], weight.shape[0])
+# a plain library op, not `torch.library.custom_op`: the latter's Python wrapper costs ~50 us a call, a
+# tenth of a decode step's linears at batch 16
+_LIB = torch.library.Library("crosslayer", "DEF")
+_LIB.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
-@onednn_linear.register_fake
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) @ weight.T (+ bias) by oneDNN on a CPU, on a copy of `weight` reordered once into oneDNN's
+    blocked layout and kept while `cpu_linears` is active (a weight changed in place is repacked).
+    Opaque to torch.compile: a compiled step calls it as it is."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight._version)
+    packed = _PACKED.get(key)
+    if packed is None:
+        packed = _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight, _pack_rows[0])
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_LIB.impl("packed_linear", packed_linear, "CPU")
+
+
+@torch.library.register_fake("crosslayer::packed_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # few rows of a small weight: torch's own call (oneDNN's fixed cost per call dominates there); decided
-    # from shapes, so a compiled step settles it once while tracing
-    if x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] and self.weight.numel() < ONEDNN_MIN_WEIGHT:
+    # decided from shapes, so a compiled step settles it once while tracing: few rows of a small weight (any
+    # weight, compiled) stay with torch (oneDNN's fixed cost per call dominates there, and inductor's own
+    # GEMM micro-kernels read a one-row GEMV at 2-3x the BLAS call's bandwidth)
+    rows = x.numel() // x.shape[-1]
+    if rows < ONEDNN_MIN_ROWS and (torch.compiler.is_compiling() or self.weight.numel() < ONEDNN_MIN_WEIGHT):
         return F.linear(x, self.weight, self.bias)
-    return onednn_linear(x, self.weight, self.bias)
+    out = torch.ops.crosslayer.packed_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)  # (N, out)
+    return out.view(*x.shape[:-1], self.weight.shape[0])
 
 
 @contextmanager
-def cpu_linears(model: torch.nn.Module):
-    """Run the model's `nn.Linear` layers through oneDNN while inside (CPU, fp32 or bf16 weights, no
-    autograd); otherwise, and afterwards, as they were."""
+def cpu_linears(model: torch.nn.Module, rows: int = ONEDNN_MIN_ROWS):
+    """Run the model's `nn.Linear` layers through oneDNN on prepacked weights (packed for `rows` rows: the
+    decode batch) while inside (CPU, fp32 or bf16 weights, no autograd); otherwise, and afterwards, as
+    they were. The packed copies (one per weight, the weights' size again) are freed on the way out."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype in (torch.float32, torch.bfloat16)]
     if not torch.backends.mkldnn.is_available() or torch.is_grad_enabled():
         linears = []
     for m in linears:
         m.forward = types.MethodType(_onednn_forward, m)
+    _pack_rows[0] = max(rows, 1)
     try:
         yield
     finally:
         for m in linears:
             del m.forward  # back to nn.Linear.forward
+        _PACKED.clear()
 
 
 def storage_dtype(kv_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
@@ -207,9 +232,11 @@ class ProducerCache:
             tensors += [self.key_scales, self.value_scales]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # key slots holding real tokens
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # static mode: the slot being written
-        for t in (*tensors, self.valid, self.pos):
-            # fixed addresses: CUDA graphs may then capture the in-place writes instead of skipping the graph
-            torch._dynamo.mark_static_address(t)
+        if torch.device(device).type == "cuda":
+            for t in (*tensors, self.valid, self.pos):
+                # fixed addresses: CUDA graphs may then capture the in-place writes instead of skipping the graph
+                # (not on a CPU: there the compiled step freezes static inputs in as constants, see `compiled`)
+                torch._dynamo.mark_static_address(t)
         self.batch, self.max_len, self.static = batch, max_len, static
         self.length = 0
         self.decoding = False  # True once the prompt is in: one-token steps read K/V as stored
@@ -352,9 +379,48 @@ def last_logits(model: torch.nn.Module, cache: ProducerCache, ids: torch.Tensor,
     return out.logits[:, -1]
 
 
+# inductor on a CPU: the weights frozen into the compiled step as constants and prepacked, every GEMM
+# autotuned between inductor's own C++ micro-kernels and ATen's (the micro-kernel reads a one-row GEMV at
+# 2-3x the bandwidth of the BLAS call), and the step's wrapper compiled to C++ instead of run as Python
+CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "cpp_wrapper": True}
+
+
 def compiled(step, device: torch.device):
-    """`torch.compile` of a decode step: whole graph; CUDA graphs on a GPU. Call it inside `compile_room()`."""
-    return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
+    """`torch.compile` of a decode step, whole graph: CUDA graphs on a GPU; on a CPU, `CPU_COMPILE_OPTIONS`
+    (frozen weights: a step compiled before the weights change keeps the old ones, see `fast_generate`).
+    Call it inside `compile_room()`, under `torch.no_grad()`."""
+    if device.type == "cuda":
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    step = torch.compile(step, fullgraph=True)
+
+    def run(*args):  # compiled at the first call (and recompiled at new shapes): the options must hold then
+        with cpu_compile_options():
+            return step(*args)
+    return run
+
+
+def cpu_compile_options():
+    """Inductor's configuration patched with `CPU_COMPILE_OPTIONS` while inside. Given as
+    `torch.compile(options=...)`, freezing and the autotuned GEMMs do not take effect (torch 2.13)."""
+    return torch._inductor.config.patch(CPU_COMPILE_OPTIONS)
+
+
+# per model, the weights (address, version) its compiled CPU steps froze in
+_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def thaw_if_changed(model: torch.nn.Module, device: torch.device) -> None:
+    """Before compiling a step of `model` on a CPU: if its weights changed (in place, or replaced) since a step
+    was compiled with them frozen in, drop the compiled code (`torch.compiler.reset()`, every compiled
+    function of the process) so the next step compiles with the new ones instead of running the old ones."""
+    if device.type == "cuda":
+        return
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    if _FROZEN.get(model, weights) != weights:
+        logger.info("the model's weights changed since its decode step was compiled: recompiling")
+        torch.compiler.reset()
+    _FROZEN[model] = weights
 
 
 @contextmanager
@@ -422,11 +488,13 @@ def fast_generate(
     def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return last_logits(model, cache, ids, position_ids, mask)
 
+    if compile:
+        thaw_if_changed(model, device)
     step = compiled(forward, device) if compile else forward
     # times cover queued device work (crosslayer.runtime.sync does the same, from a layer above this one)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
 
-    with attention_implementation(model, ATTENTION), cpu_linears(model), compile_room():
+    with attention_implementation(model, ATTENTION), cpu_linears(model, rows=B), compile_room():
         sync(device)
         start = time.perf_counter()
         # prefill: causal, padding keys masked, and every position sees itself (so padding rows stay finite)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError
-from crosslayer.decode import ProducerCache, cpu_linears, fast_generate, onednn_linear, sample_next
+from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError, decode
+from crosslayer.decode import ProducerCache, cpu_linears, fast_generate, packed_linear, sample_next
 from crosslayer.kv import cache_nbytes
 from tests.conftest import tiny_config
 
@@ -139,13 +139,25 @@ def test_right_padding_and_too_long_a_generation_are_refused_before_any_work(mon
     assert fast_generate(model, ids, mask, max_new_tokens=117).sequences.shape == (3, 11 + 117)  # exactly at the limit
 
 
-def test_compiled_decode_step_equals_eager():
+def test_compiled_decode_step_equals_eager(monkeypatch):
     model = CLAForCausalLM(CLAConfig.from_preset("tiny-H32-MQA-CLA2", initializer_range=0.2,
                                                  attn_implementation="sdpa")).eval()
     ids = torch.randint(0, 4096, (2, 7))
-    eager = fast_generate(model, ids, max_new_tokens=10).sequences
-    compiled = fast_generate(model, ids, max_new_tokens=10, compile=True).sequences
-    assert torch.equal(eager, compiled)
+    eager = fast_generate(model, ids, max_new_tokens=10, output_logits=True)
+    compiled = fast_generate(model, ids, max_new_tokens=10, compile=True, output_logits=True)
+    assert torch.equal(eager.sequences, compiled.sequences)
+    # logits too (a cache write frozen into the step as a constant changes them long before a token flips)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-4)
+    eager = eager.sequences
+    # the compiled CPU step freezes the weights in: changed in place, they must be seen, not the frozen ones
+    # (recompiled without autotuning the GEMMs, which only costs the test time here)
+    monkeypatch.setitem(decode.CPU_COMPILE_OPTIONS, "max_autotune", False)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    eager_new = fast_generate(model, ids, max_new_tokens=10).sequences
+    assert not torch.equal(eager_new, eager)
+    assert torch.equal(fast_generate(model, ids, max_new_tokens=10, compile=True).sequences, eager_new)
 
 
 def test_cpu_linears_equal_torchs_linear_on_both_paths():
@@ -154,9 +166,15 @@ def test_cpu_linears_equal_torchs_linear_on_both_paths():
         x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
         expected = x.double() @ w.double().T + b.double()  # a plain matmul in double precision
         for bias in (b, None):
-            out = onednn_linear(x, w, bias)
+            with cpu_linears(torch.nn.Module(), rows=rows):
+                out = packed_linear(x, w, bias)
             torch.testing.assert_close(out.double(), expected - (0 if bias is not None else b.double()),
                                        rtol=1e-4, atol=1e-4)
+    with cpu_linears(torch.nn.Module()):  # a weight changed in place is packed again, not read from the old pack
+        x, w = torch.randn(9, 32), torch.randn(48, 32)
+        before = packed_linear(x, w, None)
+        w.mul_(2)
+        torch.testing.assert_close(packed_linear(x, w, None), 2 * before)
     model = _model(cla_factor=2)
     for ids in (torch.randint(1, 211, (2, 9)), torch.randint(1, 211, (1, 1))):  # oneDNN (18 rows); torch (1 row)
         with torch.no_grad():

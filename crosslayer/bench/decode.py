@@ -11,6 +11,9 @@ decodes the same random prompts greedily for a fixed number of tokens (no early 
   - transformers `static-compiled`: `generate(cache_implementation="static")` with its own compiled
     forward for the decode steps (`CompileConfig()` defaults; the path transformers documents for
     speed; on a CPU `generate` compiles only when told to, `CompileConfig._compile_all_devices`);
+  - transformers `static-compiled-tuned` (a CPU only): the same, compiled with the inductor options our
+    compiled CPU step uses (`crosslayer.decode.CPU_COMPILE_OPTIONS`, patched in around the call), so a gain of ours that the options
+    alone give shows as such;
   - ours `eager` / `compiled`: `crosslayer.decode.fast_generate` (producer-only preallocated cache;
     `compiled` puts the decode step under `torch.compile`), for each KV dtype asked (e.g. `int8`);
   - vLLM (with `vllm_python`, a Python that has vLLM): its offline engine on the same Llama, in
@@ -27,6 +30,7 @@ measured here (best of several copies of a large buffer, bytes read + written); 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -38,13 +42,13 @@ import torch
 
 from ..config import CLAConfig, to_llama_config
 from ..convert import from_hf, load_source, target_config
-from ..decode import fast_generate
+from ..decode import cpu_compile_options, fast_generate
 from ..errors import CrossLayerError
 from ..kv import kv_bytes_per_token
 from ..runtime import device_name, sync
 from .memory import kv_dtype_name, weight_bytes
 
-TRANSFORMERS_PATHS = ("generate", "static-compiled")
+TRANSFORMERS_PATHS = ("generate", "static-compiled", "static-compiled-tuned")
 VLLM_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_decode_reference.py"
 
 
@@ -97,14 +101,16 @@ def _hf_runner(model, ids: torch.Tensor, new_tokens: int, path: str = "generate"
     from transformers import CompileConfig
 
     kwargs = {}
-    if path == "static-compiled":
+    if path.startswith("static-compiled"):
+        # tuned: the inductor options our compiled CPU step uses (frozen weights, autotuned GEMMs, C++ wrapper)
         compile_config = CompileConfig()
         compile_config._compile_all_devices = True  # transformers compiles on GPUs by itself, on a CPU when told to
         kwargs = dict(cache_implementation="static", compile_config=compile_config)
+    tuned = path == "static-compiled-tuned" and ids.device.type == "cpu"
 
     def run() -> tuple[list[float], torch.Tensor]:
         clock = StepClock(ids.device)
-        with torch.no_grad():
+        with torch.no_grad(), cpu_compile_options() if tuned else contextlib.nullcontext():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock, **kwargs)
         return clock.stamps, out

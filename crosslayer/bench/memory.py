@@ -187,7 +187,7 @@ def decode_throughput(model: CLAForCausalLM, batch: int, context: int, new_token
         return last_logits(model, cache, ids, position_ids, mask)
 
     run = compiled(step, device) if compile else step
-    with attention_implementation(model, ATTENTION), cpu_linears(model), compile_room():
+    with attention_implementation(model, ATTENTION), cpu_linears(model, rows=batch), compile_room():
         for i in range(new_tokens):
             if i == 1:  # the first step (compilation, first touches) is not timed
                 sync(device)

@@ -103,7 +103,8 @@ def _register_decode(sub) -> None:
     p.add_argument("--kv-dtypes", type=name_list, default=["auto"],
                    help=f"our cache dtypes, of {', '.join(KV_DTYPES)} (auto: the weights' dtype)")
     p.add_argument("--baselines", type=name_list, default=list(decode.TRANSFORMERS_PATHS),
-                   help="transformers paths: generate (eager, dynamic cache), static-compiled, or none")
+                   help="transformers paths: generate (eager, dynamic cache), static-compiled (its documented fast path), "
+                        "static-compiled-tuned (that with our CPU compile options), or none")
     p.add_argument("--vllm-python", default=None, metavar="PYTHON",
                    help="a Python with vLLM installed: adds vLLM's offline engine as a reference row")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
