@@ -116,13 +116,14 @@ def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: to
 AttentionInterface.register(ATTENTION, decode_attention)
 
 
-# oneDNN (prepacked weight) for a linear with at least this many rows, or in eager mode this many weight elements;
-# torch's own call (in a compiled step: inductor's autotuned GEMM) below both
+# oneDNN for a linear with at least this many rows, or in eager mode this many weight elements; torch's own
+# call (in a compiled step: inductor's autotuned GEMM) below both
 ONEDNN_MIN_ROWS, ONEDNN_MIN_WEIGHT = 8, 1 << 20
 
-# weights reordered into oneDNN's blocked layout, by (address, shape, version): filled inside `cpu_linears`
+# compiled steps: weights reordered into oneDNN's blocked layout, by (address, shape, version), while
+# `cpu_linears` is active; packed for `_pack_rows[0]` rows (a hint: any number of rows runs on a pack)
 _PACKED: dict[tuple, torch.Tensor] = {}
-_pack_rows = [ONEDNN_MIN_ROWS]  # the batch size oneDNN packs for (a hint: any number of rows runs on a pack)
+_pack_rows = [ONEDNN_MIN_ROWS]
 
 # a plain library op, not `torch.library.custom_op`: the latter's Python wrapper costs ~50 us a call, a
 # tenth of a decode step's linears at batch 16
@@ -132,8 +133,8 @@ _LIB.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (N, in) @ weight.T (+ bias) by oneDNN on a CPU, on a copy of `weight` reordered once into oneDNN's
-    blocked layout and kept while `cpu_linears` is active (a weight changed in place is repacked).
-    Opaque to torch.compile: a compiled step calls it as it is."""
+    blocked layout (1.3-1.5x the unpacked call at 16 rows on this project's CPU) and kept while
+    `cpu_linears` is active; a weight changed in place is packed again. Opaque to torch.compile."""
     key = (weight.data_ptr(), tuple(weight.shape), weight._version)
     packed = _PACKED.get(key)
     if packed is None:
@@ -152,19 +153,25 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # decided from shapes, so a compiled step settles it once while tracing: few rows of a small weight (any
     # weight, compiled) stay with torch (oneDNN's fixed cost per call dominates there, and inductor's own
-    # GEMM micro-kernels read a one-row GEMV at 2-3x the BLAS call's bandwidth)
+    # GEMM micro-kernels read a one-row GEMV at 2-3x the BLAS call's bandwidth); a compiled step packs
+    # (the weights' size again, held while it runs), eager calls read the weights as stored
     rows = x.numel() // x.shape[-1]
-    if rows < ONEDNN_MIN_ROWS and (torch.compiler.is_compiling() or self.weight.numel() < ONEDNN_MIN_WEIGHT):
+    compiling = torch.compiler.is_compiling()
+    if rows < ONEDNN_MIN_ROWS and (compiling or self.weight.numel() < ONEDNN_MIN_WEIGHT):
         return F.linear(x, self.weight, self.bias)
-    out = torch.ops.crosslayer.packed_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)  # (N, out)
-    return out.view(*x.shape[:-1], self.weight.shape[0])
+    shape, x = x.shape[:-1], x.reshape(rows, x.shape[-1]).contiguous()
+    if compiling:
+        out = torch.ops.crosslayer.packed_linear(x, self.weight, self.bias)  # (N, out)
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    return out.view(*shape, self.weight.shape[0])
 
 
 @contextmanager
 def cpu_linears(model: torch.nn.Module, rows: int = ONEDNN_MIN_ROWS):
-    """Run the model's `nn.Linear` layers through oneDNN on prepacked weights (packed for `rows` rows: the
-    decode batch) while inside (CPU, fp32 or bf16 weights, no autograd); otherwise, and afterwards, as
-    they were. The packed copies (one per weight, the weights' size again) are freed on the way out."""
+    """Run the model's `nn.Linear` layers through oneDNN while inside (CPU, fp32 or bf16 weights, no
+    autograd); otherwise, and afterwards, as they were. A compiled step's linears read packed copies of
+    the weights (packed for `rows` rows: the decode batch; the weights' size again), freed on the way out."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype in (torch.float32, torch.bfloat16)]
     if not torch.backends.mkldnn.is_available() or torch.is_grad_enabled():
