@@ -49,6 +49,7 @@ from ..runtime import device_name, sync
 from .memory import kv_dtype_name, weight_bytes
 
 TRANSFORMERS_PATHS = ("generate", "static-compiled", "static-compiled-tuned")
+DEFAULT_BASELINES = ("generate", "static-compiled")
 VLLM_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_decode_reference.py"
 
 
@@ -178,7 +179,7 @@ def vllm_reference(llama, prompts: dict[int, torch.Tensor], new_tokens: int, rep
 
 
 def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, modes: list[str],
-               warmup: int, repeats: int, device: torch.device, baselines: list[str] = TRANSFORMERS_PATHS,
+               warmup: int, repeats: int, device: torch.device, baselines: list[str] = DEFAULT_BASELINES,
                kv_dtypes: list[str] = ("auto",), vllm_python: str | None = None) -> dict:
     """Time every runner at every batch size; `models` is `build_models(...)`'s triple."""
     llama, cla1, cla = models
@@ -249,20 +250,21 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
 
 
 def _ratios(rows: list[dict], preset: str) -> list[dict]:
-    """Per batch and KV dtype: our fastest path over each transformers path, and CLA over CLA1."""
+    """Per batch and KV dtype: each of our models on its fastest path (CLA1's and the CLA model's chosen
+    apart) over each transformers path, and the CLA model over CLA1."""
     out = []
     keys = sorted({(r["batch"], r["kv_dtype"]) for r in rows if r["model"] == preset})
     for batch, kv in keys:
-        ours = {(r["model"], r["path"]): r["decode_tokens_per_s"] for r in rows
-                if r["batch"] == batch and r["kv_dtype"] == kv and r["model"] in (preset, "CLA1")}
-        paths = sorted({p for m, p in ours if m == preset}, key=lambda p: -ours[(preset, p)])
-        best = paths[0]
-        entry = {"batch": batch, "kv_dtype": kv, "fastest_path": best,
-                 "cla_over_cla1": ours[(preset, best)] / ours[("CLA1", best)]}
+        ours = [r for r in rows if r["batch"] == batch and r["kv_dtype"] == kv and r["model"] in (preset, "CLA1")]
+        best = {m: max((r for r in ours if r["model"] == m), key=lambda r: r["decode_tokens_per_s"])
+                for m in (preset, "CLA1")}
+        cla, cla1 = best[preset]["decode_tokens_per_s"], best["CLA1"]["decode_tokens_per_s"]
+        entry = {"batch": batch, "kv_dtype": kv, "fastest_path": best[preset]["path"],
+                 "fastest_path_cla1": best["CLA1"]["path"], "cla_over_cla1": cla / cla1}
         for r in rows:
             if r["batch"] == batch and r["model"] == "transformers":
-                entry[f"cla1_over_{r['path']}"] = ours[("CLA1", best)] / r["decode_tokens_per_s"]
-                entry[f"cla_over_{r['path']}"] = ours[(preset, best)] / r["decode_tokens_per_s"]
+                entry[f"cla1_over_{r['path']}"] = cla1 / r["decode_tokens_per_s"]
+                entry[f"cla_over_{r['path']}"] = cla / r["decode_tokens_per_s"]
         out.append(entry)
     return out
 

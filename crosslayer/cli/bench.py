@@ -102,9 +102,9 @@ def _register_decode(sub) -> None:
     p.add_argument("--modes", type=name_list, default=["eager", "compiled"], help="our decode paths: eager, compiled")
     p.add_argument("--kv-dtypes", type=name_list, default=["auto"],
                    help=f"our cache dtypes, of {', '.join(KV_DTYPES)} (auto: the weights' dtype)")
-    p.add_argument("--baselines", type=name_list, default=list(decode.TRANSFORMERS_PATHS),
+    p.add_argument("--baselines", type=name_list, default=list(decode.DEFAULT_BASELINES),
                    help="transformers paths: generate (eager, dynamic cache), static-compiled (its documented fast path), "
-                        "static-compiled-tuned (that with our CPU compile options), or none")
+                        "static-compiled-tuned (that with our CPU compile options; a CPU only), or none")
     p.add_argument("--vllm-python", default=None, metavar="PYTHON",
                    help="a Python with vLLM installed: adds vLLM's offline engine as a reference row")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
@@ -130,6 +130,9 @@ def run_decode(args: argparse.Namespace) -> int:
     baselines = [] if args.baselines == ["none"] else args.baselines
     if set(baselines) - set(TRANSFORMERS_PATHS):
         raise CrossLayerError(f"--baselines: of {', '.join(TRANSFORMERS_PATHS)} or none, got {','.join(args.baselines)!r}")
+    if "static-compiled-tuned" in baselines and device.type != "cpu":
+        raise CrossLayerError(f"--baselines static-compiled-tuned is a CPU baseline (our CPU compile options); "
+                              f"on {device.type} use static-compiled")
     if args.new_tokens < 2:
         raise CrossLayerError(f"--new-tokens must be >= 2 (decode speed is measured after the first), got {args.new_tokens}")
     models = build_models(args.preset, device, pick_dtype(args.dtype, device), args.prompt_len + args.new_tokens,
@@ -144,18 +147,19 @@ def run_decode(args: argparse.Namespace) -> int:
                                                              compile="compiled" in args.modes)]
     print(f"device: {result['device']}, {result['dtype']}, {result['model']}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
-    print(f"{'model':22s} {'path':15s} {'KV':>5s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} "
+    print(f"{'model':22s} {'path':21s} {'KV':>5s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} "
           f"{'decode tok/s':>12s} {'e2e tok/s':>9s} {'roofline':>9s} {'bw util':>7s}")
     for r in result["rows"]:
         if "decode_tokens_per_s" not in r:  # the vLLM reference: end to end only
-            print(f"{r['model']:22s} {r['path']:15s} {r['kv_dtype']:>5s} {r['batch']:>5d} {'':>9s} {'':>10s} {'':>12s} "
+            print(f"{r['model']:22s} {r['path']:21s} {r['kv_dtype']:>5s} {r['batch']:>5d} {'':>9s} {'':>10s} {'':>12s} "
                   f"{r['e2e_tokens_per_s']:>9,.1f}")
             continue
-        print(f"{r['model']:22s} {r['path']:15s} {r['kv_dtype']:>5s} {r['batch']:>5d} {r['kv_bytes_per_token']:>9,} "
+        print(f"{r['model']:22s} {r['path']:21s} {r['kv_dtype']:>5s} {r['batch']:>5d} {r['kv_bytes_per_token']:>9,} "
               f"{r['prefill_ms']:>10.1f} {r['decode_tokens_per_s']:>12,.1f} {r['e2e_tokens_per_s']:>9,.1f} "
               f"{r['roofline_tokens_per_s']:>9,.0f} {r['bw_util'] * 100:>6.1f}%")
     for e in result["ratios"]:
-        line = (f"batch {e['batch']:>3d}, KV {e['kv_dtype']}: fastest path {e['fastest_path']}; "
+        line = (f"batch {e['batch']:>3d}, KV {e['kv_dtype']}: fastest paths CLA1 {e['fastest_path_cla1']}, "
+                f"{name} {e['fastest_path']}; "
                 f"{name} / CLA1 {e['cla_over_cla1']:.2f}x")
         for path in baselines:
             line += f"; CLA1 / transformers {path} {e[f'cla1_over_{path}']:.2f}x"
