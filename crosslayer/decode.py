@@ -21,10 +21,12 @@ attention. Consumers read their producer's K/V, so they read the same 8-bit valu
     same shapes and `torch.compile` (CUDA graphs on a GPU) can capture it.
 Greedy decoding equals transformers' `generate` over a dynamic cache token for token.
 
-On a CPU the model's linear layers run through oneDNN for the duration (`cpu_linears`), on their
-weights as stored (no packed copy), where that is faster: for large weights (an LM head) and 8 or more
-rows it is 1.7-2.4x torch's default BLAS call on the AMD EPYC this project measures on, for a small
-weight at one row 2-3x slower (a fixed ~50 us a call), so those stay with torch (docs/benchmarks.md).
+On a CPU the model's linear layers run through oneDNN for the duration (`cpu_linears`) where that is
+faster: for 8 or more rows (and, eager, for large weights such as an LM head) it is 1.3-2.4x torch's
+default BLAS call on the AMD EPYC this project measures on; a compiled step reads weights packed into
+oneDNN's layout, an eager one reads them as stored. A compiled CPU step also freezes the weights in and
+lets inductor autotune the remaining (one-row) GEMMs and write the step's wrapper in C++ (`compiled`):
+2.2-2.5x transformers' static-cache compiled `generate` at batch 1 (docs/benchmarks.md).
 
 `chunked_nll` scores a token stream through the same cache, a chunk at a time, so the quality of a
 quantised cache is measured where the cache is read.
@@ -414,7 +416,7 @@ def cpu_compile_options():
 
 
 # per model, the weights (address, version) its compiled CPU steps froze in
-_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_FROZEN: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def thaw_if_changed(model: torch.nn.Module, device: torch.device) -> None:
@@ -460,8 +462,10 @@ def fast_generate(
 ) -> Generation:
     """Decode up to `max_new_tokens` after left-padded prompts `input_ids` (B, T) with `attention_mask`
     (1 = token, 0 = padding; right padding, an empty row, or prompt + max_new_tokens beyond the model's
-    max_position_embeddings are refused before any work). `compile=True` compiles the decode step (implies static shapes; CUDA
-    graphs on a GPU). `kv_dtype`: how the cache stores K/V (`ProducerCache`; default the model's dtype).
+    max_position_embeddings are refused before any work). `compile=True` compiles the decode step (implies
+    static shapes; CUDA graphs on a GPU; on a CPU frozen weights and autotuned GEMMs, see `compiled`: a
+    step compiled before the weights changed is dropped, not reused). `kv_dtype`: how the cache stores K/V
+    (`ProducerCache`; default the model's dtype).
     Rows that reach an EOS id are padded from then on; all finished -> stop. `output_logits`: keep the
     logits each new token was chosen from (`Generation.logits`)."""
     _check_model(model)

@@ -12,8 +12,8 @@ decodes the same random prompts greedily for a fixed number of tokens (no early 
     forward for the decode steps (`CompileConfig()` defaults; the path transformers documents for
     speed; on a CPU `generate` compiles only when told to, `CompileConfig._compile_all_devices`);
   - transformers `static-compiled-tuned` (a CPU only): the same, compiled with the inductor options our
-    compiled CPU step uses (`crosslayer.decode.CPU_COMPILE_OPTIONS`, patched in around the call), so a gain of ours that the options
-    alone give shows as such;
+    compiled CPU step uses (`crosslayer.decode.CPU_COMPILE_OPTIONS`, patched in around the call), so a
+    gain of ours that the options alone give shows as such;
   - ours `eager` / `compiled`: `crosslayer.decode.fast_generate` (producer-only preallocated cache;
     `compiled` puts the decode step under `torch.compile`), for each KV dtype asked (e.g. `int8`);
   - vLLM (with `vllm_python`, a Python that has vLLM): its offline engine on the same Llama, in
@@ -103,10 +103,10 @@ def _hf_runner(model, ids: torch.Tensor, new_tokens: int, path: str = "generate"
 
     kwargs = {}
     if path.startswith("static-compiled"):
-        # tuned: the inductor options our compiled CPU step uses (frozen weights, autotuned GEMMs, C++ wrapper)
         compile_config = CompileConfig()
         compile_config._compile_all_devices = True  # transformers compiles on GPUs by itself, on a CPU when told to
         kwargs = dict(cache_implementation="static", compile_config=compile_config)
+    # tuned: the inductor options our compiled CPU step uses (frozen weights, autotuned GEMMs, C++ wrapper)
     tuned = path == "static-compiled-tuned" and ids.device.type == "cpu"
 
     def run() -> tuple[list[float], torch.Tensor]:
