@@ -1,7 +1,7 @@
 """Fast decoding: a preallocated cache that holds producer layers only, and a lean generation loop.
 
-`ProducerCache(config, batch, max_len)` allocates K and V once, as one (producers, B, Hkv, L, hd)
-tensor each: consumer layers get no storage at all, so a CLA2 cache is half its CLA1 twin's. The
+`ProducerCache(config, batch, max_len)` allocates K and V once, one (B, Hkv, L, hd) tensor each per
+producer layer: consumer layers get no storage at all, so a CLA2 cache is half its CLA1 twin's. The
 model's own forward writes into it through `update(k, v, layer_idx)` (the same call it makes on a
 transformers cache), so there is one forward pass, not a second copy of the model.
 
@@ -226,19 +226,25 @@ class ProducerCache:
         self.dtype = dtype
         self.format = KV_FORMATS.get(kv_dtype) if kv_dtype else None
         self.k_granularity = k_granularity if self.format else "token"
-        shape = (P, batch, Hkv, max_len, hd)
+        shape = (batch, Hkv, max_len, hd)
         stored = storage_dtype(kv_dtype, dtype)
         if stored == torch.float8_e4m3fn:
             stored = torch.uint8  # fp8 values are stored as their bytes (see _stored)
-        self.keys = torch.zeros(shape, dtype=stored, device=device)  # (P, B, Hkv, L, hd)
-        self.values = torch.zeros(shape, dtype=stored, device=device)
+        self.stored_dtype = stored
+
+        def buffers(shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
+            # one tensor per producer, not one (P, ...) tensor: a compiled step's write into a slice of a
+            # shared buffer was functionalised into a copy of all of it per layer (O(P^2) bytes a step)
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(P)]
+
+        self.keys, self.values = buffers(shape, stored), buffers(shape, stored)  # P x (B, Hkv, L, hd)
         self.key_scales = self.value_scales = None
-        tensors = [self.keys, self.values]
+        tensors = [*self.keys, *self.values]
         if self.format is not None:
-            k_scale_shape = (P, batch, Hkv, 1, hd) if self.k_granularity == "channel" else (P, batch, Hkv, max_len, 1)
-            self.key_scales = torch.zeros(k_scale_shape, dtype=SCALE_DTYPE, device=device)
-            self.value_scales = torch.zeros((P, batch, Hkv, max_len, 1), dtype=SCALE_DTYPE, device=device)
-            tensors += [self.key_scales, self.value_scales]
+            k_scale_shape = (batch, Hkv, 1, hd) if self.k_granularity == "channel" else (batch, Hkv, max_len, 1)
+            self.key_scales = buffers(k_scale_shape, SCALE_DTYPE)
+            self.value_scales = buffers((batch, Hkv, max_len, 1), SCALE_DTYPE)
+            tensors += [*self.key_scales, *self.value_scales]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # key slots holding real tokens
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # static mode: the slot being written
         if torch.device(device).type == "cuda":
@@ -282,7 +288,7 @@ class ProducerCache:
             return self._stored(s, self.max_len)
         start, T = self.length, k.shape[2]
         self._write(s, k, v, slice(start, start + T))
-        if self.decoding or self.keys.dtype == self.dtype:  # stored exactly as computed: read it back
+        if self.decoding or self.stored_dtype == self.dtype:  # stored exactly as computed: read it back
             return self._stored(s, start + T)
         if start == 0:
             return k, v
@@ -294,8 +300,8 @@ class ProducerCache:
     def _write(self, s: int, k: torch.Tensor, v: torch.Tensor, where: slice | torch.Tensor) -> None:
         """Write K/V (B, Hkv, T, hd) of producer slot s at `where` (a slice, or the index tensor `pos`)."""
         if self.format is None:
-            self._put(self.keys[s], k.to(self.keys.dtype), where)
-            self._put(self.values[s], v.to(self.values.dtype), where)
+            self._put(self.keys[s], k.to(self.stored_dtype), where)
+            self._put(self.values[s], v.to(self.stored_dtype), where)
             return
         if self.k_granularity == "channel":
             if not self.decoding and self.length == 0:  # the prompt sets the channel scales

@@ -87,10 +87,10 @@ def test_cache_stores_the_prefills_kv_within_the_formats_error():
         for slot, layer in enumerate(model.config.producer_layers):
             for stored, scales, exact in ((cache.keys, cache.key_scales, reference.layers[layer].keys),
                                           (cache.values, cache.value_scales, reference.layers[layer].values)):
-                raw = stored[slot, :, :, :20]
+                raw = stored[slot][:, :, :20]
                 if kv_dtype == "fp8":
                     raw = raw.view(torch.float8_e4m3fn)
-                restored = raw.float() * (scales[slot, :, :, :20].float() if scales is not None else 1)
+                restored = raw.float() * (scales[slot][:, :, :20].float() if scales is not None else 1)
                 amax = exact.abs().amax(-1, keepdim=True)  # per token and head
                 tolerance = amax * rel * 1.01 if kv_dtype == "int8" else exact.abs() * rel + amax * 2**-10
                 assert bool(((restored - exact).abs() <= tolerance + 1e-7).all()), (kv_dtype, layer)
