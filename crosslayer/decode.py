@@ -401,12 +401,14 @@ CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gem
                        "cpp_wrapper": True}
 
 
-def compiled(step, device: torch.device):
-    """`torch.compile` of a decode step, whole graph: CUDA graphs on a GPU; on a CPU, `CPU_COMPILE_OPTIONS`
-    (frozen weights: a step compiled before the weights change keeps the old ones, see `fast_generate`).
+def compiled(step, device: torch.device, model: torch.nn.Module):
+    """`torch.compile` of a decode step of `model`, whole graph: CUDA graphs on a GPU; on a CPU,
+    `CPU_COMPILE_OPTIONS`, which freeze the model's weights into the step: if they changed since a step of
+    this model was compiled, the compiled code is dropped first (`thaw_if_changed`).
     Call it inside `compile_room()`, under `torch.no_grad()`."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    thaw_if_changed(model)
     step = torch.compile(step, fullgraph=True)
 
     def run(*args):  # compiled at the first call (and recompiled at new shapes): the options must hold then
@@ -425,12 +427,10 @@ def cpu_compile_options():
 _FROZEN: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def thaw_if_changed(model: torch.nn.Module, device: torch.device) -> None:
-    """Before compiling a step of `model` on a CPU: if its weights changed (in place, or replaced) since a step
-    was compiled with them frozen in, drop the compiled code (`torch.compiler.reset()`, every compiled
-    function of the process) so the next step compiles with the new ones instead of running the old ones."""
-    if device.type == "cuda":
-        return
+def thaw_if_changed(model: torch.nn.Module) -> None:
+    """If `model`'s weights changed (in place, or replaced) since a CPU step was compiled with them frozen in,
+    drop the compiled code (`torch.compiler.reset()`, every compiled function of the process) so the next
+    step compiles with the new ones instead of running the old ones."""
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
     if _FROZEN.get(model, weights) != weights:
         logger.info("the model's weights changed since its decode step was compiled: recompiling")
@@ -505,9 +505,7 @@ def fast_generate(
     def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return last_logits(model, cache, ids, position_ids, mask)
 
-    if compile:
-        thaw_if_changed(model, device)
-    step = compiled(forward, device) if compile else forward
+    step = compiled(forward, device, model) if compile else forward
     # times cover queued device work (crosslayer.runtime.sync does the same, from a layer above this one)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
 

@@ -151,7 +151,7 @@ def _teacher_forced_logits(model, prompt, tokens, kv_dtype, compile):
     def step(ids, pos, mask):
         return last_logits(model, cache, ids, pos, mask)
 
-    step = compiled(step, torch.device("cpu")) if compile else step
+    step = compiled(step, torch.device("cpu"), model) if compile else step
     with torch.no_grad(), attention_implementation(model, ATTENTION):
         out = [last_logits(model, cache, prompt, torch.arange(T)[None], None)]
         cache.valid[:, :T] = True

@@ -186,7 +186,7 @@ def decode_throughput(model: CLAForCausalLM, batch: int, context: int, new_token
     def step(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return last_logits(model, cache, ids, position_ids, mask)
 
-    run = compiled(step, device) if compile else step
+    run = compiled(step, device, model) if compile else step
     with attention_implementation(model, ATTENTION), cpu_linears(model, rows=batch), compile_room():
         for i in range(new_tokens):
             if i == 1:  # the first step (compilation, first touches) is not timed
