@@ -35,18 +35,23 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .config import MODEL_FIELDS, CLAConfig, load_config, validate_kv_sources
+from .device import dtype_by_name
 from .errors import CrossLayerError
+from .loading import (
+    copy_tokenizer_files,
+    load_tokenizer,
+    quiet_transformers,
+    read_source_config,
+    split_model_spec,
+    tokenizer_fingerprint,
+)
 from .modeling import CLAForCausalLM, SharedKV, rotate_half
-from .runtime import copy_tokenizer_files, dtype_by_name, looks_like_path, quiet_transformers, split_model_spec
 
 KV_INITS = ("fit", "mean", "mean-folded", "first")
 CALIBRATION_TOKENS = 2048  # default calibration size (4 sequences)
 CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence
 FIT_RIDGE = 1e-4  # least-squares fit: ridge as a fraction of the mean diagonal of X^T X
 SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
-# model_type -> class, for configs that do not name their class (those read from GGUF metadata)
-ARCHITECTURE_OF = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                   "crosslayer": "CLAForCausalLM"}
 
 # source name -> our name, per layer ({i}; {p} is weight or bias) and global
 LAYER_MAP = {
@@ -78,35 +83,6 @@ GLOBAL_MAP = {
 # The source: its config first (cheap checks), then its weights
 
 
-def read_source_config(spec: str | Path, gguf_file: str | None = None) -> dict[str, Any]:
-    """The config (as a dict, with `architectures`) of a checkpoint folder, hub id or GGUF file,
-    before any weight is read."""
-    location, gguf_file = split_model_spec(spec, gguf_file)
-    path = Path(location)
-    if gguf_file is None and (path.exists() or looks_like_path(location)):
-        if not path.is_dir():
-            raise CrossLayerError(f"source {path} is not a folder (give a checkpoint folder, a hub id or a .gguf file)")
-        if not (path / "config.json").exists():
-            raise CrossLayerError(f"{path} has no config.json: not a transformers checkpoint folder")
-        try:
-            raw = json.loads((path / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CrossLayerError(f"cannot read {path / 'config.json'}: {e}") from None
-        if not isinstance(raw, dict):
-            raise CrossLayerError(f"{path / 'config.json'} does not hold a JSON object")
-        return raw
-    from transformers import AutoConfig
-
-    try:
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
-                AutoConfig.from_pretrained(location)
-    except (OSError, ValueError, KeyError) as e:
-        raise CrossLayerError(f"cannot read the config of {spec}: {type(e).__name__}: {e}") from None
-    raw = config.to_dict()
-    if not raw.get("architectures"):  # GGUF metadata names the model type, not the class
-        raw["architectures"] = [ARCHITECTURE_OF.get(raw.get("model_type"), raw.get("model_type"))]
-    return raw
 
 
 def _check_architecture(raw: dict[str, Any]) -> None:
@@ -455,7 +431,7 @@ def read_calibration(data: str, tokenizer, tokens: int = CALIBRATION_TOKENS,
     n = tokens // seq_len
     folder = Path(data)
     if folder.is_dir() and (folder / "meta.json").exists():
-        from .data import load_tokens, read_meta, tokenizer_fingerprint
+        from .data import load_tokens, read_meta
 
         meta = read_meta(folder)
         if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
@@ -734,7 +710,6 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     local = Path(location) if gguf_file is None and Path(location).is_dir() else None
     tokenizer = None
     if local is None or needs_data:  # a GGUF file or a hub repository: transformers builds the tokenizer
-        from .runtime import load_tokenizer
 
         tokenizer = load_tokenizer(location, gguf_file)
     tokens = None

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrossLayerError
+from .loading import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -217,32 +218,8 @@ def document_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def tokenizer_fingerprint(tokenizer_or_folder) -> str | None:
-    """A sha256 of what makes a tokenizer: its model (vocabulary, merges) and added tokens, so two
-    tokenizers that encode alike match whatever transformers version saved them. None for a folder
-    without tokenizer files."""
-    from .runtime import TOKENIZER_FILES
-
-    tokenizer = tokenizer_or_folder
-    if isinstance(tokenizer_or_folder, (str, Path)):
-        folder = Path(tokenizer_or_folder)
-        if not any((folder / n).is_file() for n in TOKENIZER_FILES):
-            return None
-        if (folder / "tokenizer.json").is_file():
-            raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-            return _fingerprint(raw)
-        from .runtime import load_tokenizer
-
-        tokenizer = load_tokenizer(folder)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise CrossLayerError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) one: no tokenizer.json")
-    return _fingerprint(json.loads(backend.to_str()))
 
 
-def _fingerprint(raw: dict) -> str:
-    added = sorted((t["id"], t["content"]) for t in raw.get("added_tokens") or [])
-    return _sha256_text(json.dumps({"model": raw.get("model"), "added": added}, sort_keys=True))
 
 
 def token_dtype(vocab_size: int) -> str:

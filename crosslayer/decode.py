@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .config import CLAConfig
+from .device import kv_storage_dtype, sync
 from .errors import CrossLayerError
 from .quant import GRANULARITIES, KV_FORMATS, SCALE_DTYPE, QuantizedKV, channel_scale, quantize
 
@@ -55,9 +56,6 @@ logger = logging.getLogger(__name__)
 ATTENTION = "crosslayer_decode"
 # an 8-bit K (or V) is cast to the compute dtype in blocks of rows: a 1/16 of them, at least 256 KiB of cast values
 DEQUANT_BLOCKS, DEQUANT_MIN_BYTES = 16, 256 << 10
-KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "fp8")
-# 32- and 16-bit storage (crosslayer.runtime holds the names table, but sits above this module's layer)
-FLOAT_KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def decode_attention(
@@ -189,16 +187,6 @@ def cpu_linears(model: torch.nn.Module, rows: int = ONEDNN_MIN_ROWS):
         _PACKED.clear()
 
 
-def storage_dtype(kv_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a cache stores K/V in: the model's (`auto`/None), a float dtype, or an 8-bit format's."""
-    if kv_dtype in (None, "auto"):
-        return dtype
-    if kv_dtype in KV_FORMATS:
-        return KV_FORMATS[kv_dtype].dtype
-    if kv_dtype not in FLOAT_KV_DTYPES:
-        raise CrossLayerError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
-    return FLOAT_KV_DTYPES[kv_dtype]
-
 
 class ProducerCache:
     """K/V of the producer layers only, preallocated for `batch` sequences of up to `max_len` tokens.
@@ -227,7 +215,7 @@ class ProducerCache:
         self.format = KV_FORMATS.get(kv_dtype) if kv_dtype else None
         self.k_granularity = k_granularity if self.format else "token"
         shape = (batch, Hkv, max_len, hd)
-        stored = storage_dtype(kv_dtype, dtype)
+        stored = kv_storage_dtype(kv_dtype, dtype)
         if stored == torch.float8_e4m3fn:
             stored = torch.uint8  # fp8 values are stored as their bytes (see _stored)
         self.stored_dtype = stored
@@ -506,8 +494,6 @@ def fast_generate(
         return last_logits(model, cache, ids, position_ids, mask)
 
     step = compiled(forward, device, model) if compile else forward
-    # times cover queued device work (crosslayer.runtime.sync does the same, from a layer above this one)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
 
     with attention_implementation(model, ATTENTION), cpu_linears(model, rows=B), compile_room():
         sync(device)

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from .decode import KV_DTYPES, fast_generate
+from .decode import fast_generate
+from .device import KV_DTYPES
 from .errors import CrossLayerError
 from .kv import cache_nbytes
 from .modeling import CACHE_NAME, CLAForCausalLM

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from .config import CLAConfig
+from .device import ELEMENT_BYTES
 from .errors import CrossLayerError
 from .quant import KV_FORMATS, SCALE_BYTES
 
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -62,9 +62,9 @@ def _tensors(obj: Any):
 def kv_bytes_per_token(config: CLAConfig, kv_dtype: str = "bf16") -> int:
     """Bytes cached per token: K and V of every producer layer in `kv_dtype`; for the 8-bit formats
     plus their scales (one float16 per token, K/V head, and K or V)."""
-    if kv_dtype not in DTYPE_BYTES:
-        raise CrossLayerError(f"kv_dtype must be one of {', '.join(DTYPE_BYTES)}; got {kv_dtype!r}")
-    return int(config.kv_bytes_per_token(DTYPE_BYTES[kv_dtype])) + kv_scale_bytes_per_token(config, kv_dtype)
+    if kv_dtype not in ELEMENT_BYTES:
+        raise CrossLayerError(f"kv_dtype must be one of {', '.join(ELEMENT_BYTES)}; got {kv_dtype!r}")
+    return int(config.kv_bytes_per_token(ELEMENT_BYTES[kv_dtype])) + kv_scale_bytes_per_token(config, kv_dtype)
 
 
 def kv_scale_bytes_per_token(config: CLAConfig, kv_dtype: str) -> int:
@@ -92,8 +92,8 @@ def plan(
     """KV bytes per token (scales included) and per sequence, and how many sequences of `seq_len` fit
     in `memory_bytes` beside the weights (ignoring activations and allocator overhead)."""
     for name, d in (("kv_dtype", kv_dtype), ("weight_dtype", weight_dtype)):
-        if d not in DTYPE_BYTES:
-            raise CrossLayerError(f"{name} must be one of {', '.join(DTYPE_BYTES)}; got {d!r}")
+        if d not in ELEMENT_BYTES:
+            raise CrossLayerError(f"{name} must be one of {', '.join(ELEMENT_BYTES)}; got {d!r}")
     if seq_len < 1:
         raise CrossLayerError(f"seq_len must be >= 1, got {seq_len}")
     per_token = kv_bytes_per_token(config, kv_dtype)
@@ -109,7 +109,7 @@ def plan(
         "head_dim": config.head_dim,
         "kv_sources": config.kv_sources,
         "parameters": params,
-        "weight_bytes": params * DTYPE_BYTES[weight_dtype],
+        "weight_bytes": params * ELEMENT_BYTES[weight_dtype],
         "seq_len": seq_len,
         "kv_bytes_per_sequence": per_token * seq_len,
     }

@@ -307,7 +307,7 @@ def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path
     }
     if wikitext is not None and not diverged:
         from .eval.perplexity import perplexity
-        from .runtime import load_model
+        from .loading import load_model
 
         lm, tok = load_model(run_dir, "auto", "auto")
         if record["parameters"] is None:

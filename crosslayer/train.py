@@ -34,10 +34,10 @@ from . import checkpoint as ckpt
 from .config import CLAConfig, load_config
 from .data import load_tokens, read_meta
 from .errors import CrossLayerError, TrainingDiverged
+from .loading import copy_tokenizer_files, load_init_model, load_teacher, quiet_transformers
 from .modeling import CLADecoderLayer, CLAForCausalLM
 from .recipe import apply_sets, read_yaml, settings_from
 from .recover import build_objective, select_trainable
-from .runtime import LOAD_ERRORS, copy_tokenizer_files, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -394,56 +394,8 @@ class Trainer:
         self.step_idx = int(state["step"])
 
 
-def load_init_model(init: str, data: str, meta: dict, attn_implementation: str) -> CLAForCausalLM:
-    """The model `--init` names, after checking it is a crosslayer model of the dataset's tokenizer."""
-    from .convert import read_source_config
-    from .data import tokenizer_fingerprint
-
-    folder = Path(init)
-    if not folder.is_dir():
-        raise CrossLayerError(f"init: model folder not found: {init}")
-    raw = read_source_config(folder)
-    if raw.get("model_type") != "crosslayer":
-        raise CrossLayerError(
-            f"init: {init} is a {raw.get('model_type')!r} model, not a crosslayer one; convert it first "
-            f"(`crosslayer convert {init} --out DIR --cla-factor N`, factor 1 for an exact copy) and --init DIR"
-        )
-    theirs = tokenizer_fingerprint(folder)
-    if theirs is None:
-        raise CrossLayerError(f"init: {init} has no tokenizer files, so the data cannot be checked against it; save "
-                              "the model's tokenizer beside it")
-    if theirs != meta.get("tokenizer_fingerprint"):
-        raise CrossLayerError(
-            f"data: {data} was not tokenised with the tokenizer of {init} (prepared with {meta.get('tokenizer')!r}); "
-            f"prepare it with `crosslayer prepare SOURCE --tokenizer hf:{init} --out DIR`"
-        )
-    try:
-        with quiet_transformers():
-            model, info = CLAForCausalLM.from_pretrained(init, attn_implementation=attn_implementation,
-                                                         dtype=torch.float32, output_loading_info=True)
-    except LOAD_ERRORS as e:
-        raise CrossLayerError(f"init: cannot load the weights of {init}: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    missing = [k for k in info.get("missing_keys") or [] if not (model.config.tie_word_embeddings and "lm_head" in k)]
-    if missing or info.get("unexpected_keys") or info.get("mismatched_keys"):
-        raise CrossLayerError(f"init: the weights of {init} do not match its config.json (missing {missing[:3]}, "
-                              f"unexpected {list(info.get('unexpected_keys') or [])[:3]})")
-    if model.config.vocab_size < meta["vocab_size"]:
-        raise CrossLayerError(f"init model's vocabulary ({model.config.vocab_size}) is smaller than the "
-                              f"dataset's ({meta['vocab_size']})")
-    return model
 
 
-def load_teacher(spec: str, student: CLAConfig, device: torch.device) -> torch.nn.Module:
-    """The frozen original model a distillation objective imitates; it must share the student's vocabulary."""
-    from .runtime import load_model
-
-    teacher, _ = load_model(spec, device, "fp32", tokenizer=False)
-    if teacher.config.vocab_size != student.vocab_size:
-        raise CrossLayerError(f"teacher: {spec} has a vocabulary of {teacher.config.vocab_size}, the model trained "
-                              f"has {student.vocab_size}: distillation needs the same tokens")
-    teacher.requires_grad_(False)
-    return teacher
 
 
 def _barrier(trainer: Trainer) -> None:

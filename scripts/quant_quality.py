@@ -84,7 +84,7 @@ def kv_bytes(folders: dict[str, Path], names: list[str], caches: list[str], out_
     analytic crosslayer.kv.kv_bytes_per_token; ratios against the first model's bf16 cache."""
     from crosslayer.decode import fast_generate
     from crosslayer.kv import cache_nbytes, kv_bytes_per_token
-    from crosslayer.runtime import load_model
+    from crosslayer.loading import load_model
 
     rows = []
     for name in names:
@@ -130,7 +130,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from crosslayer.decode import chunked_nll, fast_generate
-    from crosslayer.runtime import load_model
+    from crosslayer.loading import load_model
 
     torch.manual_seed(0)
     names = [m.partition("=")[0] for m in args.models.split(",")]

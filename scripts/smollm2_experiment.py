@@ -177,8 +177,8 @@ def matrix(lock: str | None, budgets: list[str]) -> None:
     import torch
 
     from crosslayer.convert import Calibration, dense_copy, read_calibration, sharing_config
+    from crosslayer.loading import load_model
     from crosslayer.plan import SEARCH_TOKENS, Reference, search
-    from crosslayer.runtime import load_model
 
     data = results()
     rows = data.setdefault("matrix", {})
@@ -256,8 +256,8 @@ def _curve(out: Path, init: Path, lock: str | None) -> list[dict]:
     import torch
 
     from crosslayer.checkpoint import list_checkpoints, load_step_checkpoint_model
+    from crosslayer.loading import load_tokenizer
     from crosslayer.modeling import CLAForCausalLM
-    from crosslayer.runtime import load_tokenizer
 
     rows = [json.loads(ln) for ln in (REPO / out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]  # one per step (log_every 1): the wall time since the last

@@ -2,12 +2,11 @@ import json
 import math
 
 import pytest
-
-from crosslayer.__main__ import main
-from crosslayer.bench.train import flops_per_token
 import torch
 
 from crosslayer import CLAForCausalLM
+from crosslayer.__main__ import main
+from crosslayer.bench.train import flops_per_token
 from crosslayer.config import CLAConfig
 
 

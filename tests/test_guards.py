@@ -12,7 +12,7 @@ from crosslayer import CLAForCausalLM, CrossLayerError
 from crosslayer.__main__ import main
 from crosslayer.data import load_tokens, prepare, read_meta
 from crosslayer.eval.perplexity import perplexity
-from crosslayer.runtime import load_model
+from crosslayer.loading import load_model
 from crosslayer.train import TrainConfig, Trainer, train
 
 from .conftest import DATA, tiny_config

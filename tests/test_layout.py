@@ -9,12 +9,12 @@ PACKAGE = REPO / "crosslayer"
 
 # lower layers never import higher ones (module level or inside a function); README's layout section
 LAYERS = [
-    {"errors"},
+    {"errors", "device"},  # device: devices, dtype tables, sync: the ground floor every layer may import
     {"recipe"},
     {"config", "quant"},  # quant: 8-bit K/V and the producers-only QuantizedCache modeling's generate builds
     {"modeling", ""},  # "" is the package root: importing it registers the model classes
     {"kv", "decode", "checkpoint"},
-    {"runtime"},
+    {"loading"},  # any model source, its tokenizer and config; the trainer's init model and teacher
     {"convert", "data", "generate"},
     {"recover", "plan"},
     {"train"},

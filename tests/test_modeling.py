@@ -7,8 +7,8 @@ import torch
 
 import crosslayer  # noqa: F401  (registers the Auto classes)
 from crosslayer import CLAForCausalLM
-from crosslayer.modeling import CACHE_NAME  # past_key_values before transformers 5.2x
 from crosslayer.kv import cache_nbytes
+from crosslayer.modeling import CACHE_NAME  # past_key_values before transformers 5.2x
 
 from .conftest import REPO, tiny_config
 

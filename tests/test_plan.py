@@ -12,7 +12,6 @@ from crosslayer.plan import Reference, Searcher, from_groups, producers_for_budg
 from .conftest import DATA
 from .test_convert import tiny_llama
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run on one thread
 
 

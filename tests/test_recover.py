@@ -15,7 +15,6 @@ from crosslayer.train import TrainConfig, load_train_config, train
 from .conftest import DATA
 from .test_convert import tiny_llama
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run on one thread
 
 

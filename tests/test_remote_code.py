@@ -65,7 +65,7 @@ torch.save(out, {str(tmp_path / 'out.pt')!r})
 def test_lm_eval_cli_scores_it_like_our_own_task_runner(folder, tmp_path):
     """lm-eval's own command line (`--model hf --model_args pretrained=DIR,trust_remote_code=True`)."""
     from crosslayer.eval.tasks import render_configs, run_tasks
-    from crosslayer.runtime import load_model
+    from crosslayer.loading import load_model
 
     path, _ = folder
     configs = Path(tempfile.mkdtemp(dir=tmp_path))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from crosslayer.__main__ import main
 from crosslayer.convert import FIT_RIDGE, from_hf, load_source, read_calibration
+from crosslayer.loading import load_tokenizer
 from crosslayer.plan import Reference, search
-from crosslayer.runtime import load_tokenizer
 
 from .conftest import DATA, REPO, SHARED
 

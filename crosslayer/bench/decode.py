@@ -43,9 +43,9 @@ import torch
 from ..config import CLAConfig, to_llama_config
 from ..convert import from_hf, load_source, target_config
 from ..decode import cpu_compile_options, fast_generate
+from ..device import device_name, sync
 from ..errors import CrossLayerError
 from ..kv import kv_bytes_per_token
-from ..runtime import device_name, sync
 from .memory import kv_dtype_name, weight_bytes
 
 TRANSFORMERS_PATHS = ("generate", "static-compiled", "static-compiled-tuned")

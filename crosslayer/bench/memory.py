@@ -37,12 +37,11 @@ from ..decode import (
     compiled,
     cpu_linears,
     last_logits,
-    storage_dtype,
 )
+from ..device import dtype_name, kv_storage_dtype, pick_dtype, sync
 from ..errors import CrossLayerError
 from ..kv import cache_nbytes, kv_bytes_per_token
 from ..modeling import CLAForCausalLM
-from ..runtime import pick_dtype, sync
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -75,7 +74,7 @@ def kv_dtype_name(kv_dtype: str, dtype: torch.dtype) -> str:
     """`auto` resolved to the weights' dtype name (bf16, fp32, fp16); other names unchanged."""
     if kv_dtype != "auto":
         return kv_dtype
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return dtype_name(dtype)
 
 
 def build_model(preset: str, dtype: torch.dtype, device: torch.device, max_len: int) -> tuple[CLAForCausalLM, int]:
@@ -206,7 +205,7 @@ def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], 
     and with `decode_tokens` (>= 2) the decode tokens/s at that batch (`compile`: compiled decode step)."""
     torch_dtype = pick_dtype(dtype, device)
     for kv_dtype in kv_dtypes:
-        storage_dtype(kv_dtype, torch_dtype)  # a bad name fails before any model is built
+        kv_storage_dtype(kv_dtype, torch_dtype)  # a bad name fails before any model is built
     if decode_tokens == 1 or (decode_tokens and decode_tokens >= min(contexts)):
         raise CrossLayerError(f"decode_tokens must be >= 2 and smaller than every context length, got {decode_tokens}")
     rows, capacity = [], []

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from ..config import CLAConfig
+from ..device import device_name
 from ..errors import CrossLayerError
-from ..runtime import device_name
 from ..serving.offline import kv_capacity_tokens, offline_engine
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ SMOLLM2_SHAPE: dict[str, Any] = dict(
     num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
     rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
 )
-KV_DTYPES = ("auto", "fp8")  # vLLM's names: auto = the model's dtype
+VLLM_KV_DTYPES = ("auto", "fp8")  # vLLM's names: auto = the model's dtype
 
 
 def twin_models(folder: str | Path, shape: dict[str, Any] | None = None, cla_factor: int = 2, dtype: str = "bfloat16",
@@ -143,7 +143,7 @@ def prompt_perplexity(folder: str | Path, windows: list[list[int]], kv_cache_dty
             "budget_bytes": budget, "kv_capacity_tokens": capacity}
 
 
-def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tuple[str, ...] = KV_DTYPES,
+def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tuple[str, ...] = VLLM_KV_DTYPES,
               requests: int = 256, prompt_len: tuple[int, int] = (128, 512), output_len: tuple[int, int] = (32, 256),
               dtype: str = "bfloat16", max_num_seqs: int = 256, enforce_eager: bool = True, seed: int = 0,
               baseline: str | None = None) -> dict[str, Any]:
@@ -157,8 +157,8 @@ def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tupl
     except ImportError:
         raise CrossLayerError("bench serve needs vLLM: build its environment with scripts/vllm-env.sh") from None
     for kv in kv_cache_dtypes:
-        if kv not in KV_DTYPES:
-            raise CrossLayerError(f"KV-cache dtype must be one of {', '.join(KV_DTYPES)}; got {kv!r}")
+        if kv not in VLLM_KV_DTYPES:
+            raise CrossLayerError(f"KV-cache dtype must be one of {', '.join(VLLM_KV_DTYPES)}; got {kv!r}")
     if not models:
         raise CrossLayerError("bench serve needs at least one model")
     configs = {name: CLAConfig.from_pretrained(path) for name, path in models.items()}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..config import CLAConfig, to_llama_config
+from ..device import device_name, sync
 from ..errors import CrossLayerError
-from ..runtime import device_name, sync
 from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
 
 # dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere

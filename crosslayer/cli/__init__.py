@@ -142,7 +142,7 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_device_flags(p: argparse.ArgumentParser, dtype_help: str = "auto: bf16 on CUDA, fp32 on CPU") -> None:
-    from ..runtime import DTYPE_CHOICES
+    from ..device import DTYPE_CHOICES
 
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=dtype_help)
@@ -160,7 +160,7 @@ def add_model_flags(p: argparse.ArgumentParser, what: str = "model") -> None:
 
 def load_model_from_args(args: argparse.Namespace):
     """(model, tokenizer) as the model flags say."""
-    from ..runtime import load_model
+    from ..loading import load_model
 
     return load_model(args.model, args.device, args.dtype, gguf_file=args.gguf_file,
                       tokenizer=args.tokenizer or True)

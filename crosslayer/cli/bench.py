@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
-    from ..runtime import DTYPE_CHOICES
+    from ..device import DTYPE_CHOICES
 
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
@@ -32,7 +32,7 @@ def _device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto") -> No
 
 def _register_memory(sub) -> None:
     from ..bench import memory
-    from ..decode import KV_DTYPES
+    from ..device import KV_DTYPES
 
     p = sub.add_parser("memory", help="KV bytes analytic vs measured; largest batch in a budget and its decode speed",
                        description=memory.__doc__)
@@ -54,9 +54,9 @@ def _register_memory(sub) -> None:
 
 def run_memory(args: argparse.Namespace) -> int:
     from ..bench.memory import plot, run_memory
+    from ..device import pick_device
     from ..errors import CrossLayerError
     from ..kv import parse_bytes
-    from ..runtime import pick_device
 
     budget = parse_bytes(args.budget) if args.budget else None
     if args.decode_tokens and budget is None:
@@ -88,7 +88,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
 def _register_decode(sub) -> None:
     from ..bench import decode
-    from ..decode import KV_DTYPES
+    from ..device import KV_DTYPES
 
     p = sub.add_parser("decode", help="prefill latency and decode tokens/s: ours (CLA, CLA1) vs transformers, vLLM",
                        description=decode.__doc__)
@@ -118,9 +118,8 @@ def _register_decode(sub) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     from ..bench.decode import TRANSFORMERS_PATHS, build_models, profile_decode, run_decode
-    from ..decode import KV_DTYPES
+    from ..device import KV_DTYPES, pick_device, pick_dtype
     from ..errors import CrossLayerError
-    from ..runtime import pick_device, pick_dtype
 
     device = pick_device(args.device)
     if set(args.modes) - {"eager", "compiled"}:
@@ -198,7 +197,7 @@ def _register_train(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..bench.train import TrainBench, run_train_bench
-    from ..runtime import pick_device
+    from ..device import pick_device
 
     bench = TrainBench(presets=args.presets, seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum,
                        steps=args.steps, warmup=args.warmup, repeats=args.repeats, compile=args.compile,
@@ -222,7 +221,6 @@ def run_train(args: argparse.Namespace) -> int:
 # serve
 
 
-SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # vLLM's dtype names -> ours
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -239,6 +237,7 @@ def length_range(text: str) -> tuple[int, int]:
 
 def _register_serve(sub) -> None:
     from ..bench import serve
+    from ..device import LONG_NAMES
 
     p = sub.add_parser("serve", help="vLLM offline throughput at fixed KV budgets: a CLA model vs its twin (needs vLLM)",
                        description=serve.__doc__)
@@ -249,15 +248,15 @@ def _register_serve(sub) -> None:
                    help="folder for the default models, serve.json and (with --plot) the plot")
     p.add_argument("--budgets", type=name_list, default=["32MiB", "128MiB", "512MiB"],
                    help="KV-cache budgets (bytes of KV pages vLLM may allocate), e.g. 32MiB,512MiB")
-    p.add_argument("--kv-dtypes", type=name_list, default=list(serve.KV_DTYPES),
-                   help=f"vLLM KV-cache dtypes, of {', '.join(serve.KV_DTYPES)} (auto: the weights' dtype)")
+    p.add_argument("--kv-dtypes", type=name_list, default=list(serve.VLLM_KV_DTYPES),
+                   help=f"vLLM KV-cache dtypes, of {', '.join(serve.VLLM_KV_DTYPES)} (auto: the weights' dtype)")
     p.add_argument("--requests", type=positive_int, default=256, help="requests, all queued at once")
     p.add_argument("--prompt-len", type=length_range, default=(128, 512), metavar="LO:HI",
                    help="prompt tokens per request, uniform in LO..HI")
     p.add_argument("--output-len", type=length_range, default=(32, 256), metavar="LO:HI",
                    help="generated tokens per request, uniform in LO..HI (greedy, ignore_eos)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="vLLM's cap on requests running at once")
-    p.add_argument("--dtype", default="bfloat16", choices=list(SHORT_DTYPES), help="weights' dtype in vLLM")
+    p.add_argument("--dtype", default="bfloat16", choices=list(LONG_NAMES), help="weights' dtype in vLLM")
     p.add_argument("--seed", type=int, default=0, help="workload seed (prompt tokens and lengths)")
     p.add_argument("--plot", action="store_true", help="also write OUT/serve.png: output tokens/s against the budget")
     add_json_flags(p)
@@ -268,7 +267,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from ..bench.serve import KV_DTYPES, plot, run_serve, twin_models
+    from ..bench.serve import VLLM_KV_DTYPES, plot, run_serve, twin_models
+    from ..device import LONG_NAMES
     from ..errors import CrossLayerError
     from ..kv import parse_bytes
 
@@ -277,8 +277,8 @@ def run_serve(args: argparse.Namespace) -> int:
         import vllm  # noqa: F401
     except ImportError:
         raise CrossLayerError("bench serve needs vLLM beside crosslayer: see docs/serving.md (scripts/vllm-env.sh)") from None
-    if set(args.kv_dtypes) - set(KV_DTYPES):
-        raise CrossLayerError(f"--kv-dtypes: of {', '.join(KV_DTYPES)}, got {','.join(args.kv_dtypes)!r}")
+    if set(args.kv_dtypes) - set(VLLM_KV_DTYPES):
+        raise CrossLayerError(f"--kv-dtypes: of {', '.join(VLLM_KV_DTYPES)}, got {','.join(args.kv_dtypes)!r}")
     budgets = [parse_bytes(b) for b in args.budgets]
     out = Path(args.out)
     if args.models:
@@ -298,7 +298,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"{'model':14s} {'KV':>5s} {'budget':>8s} {'capacity':>9s} {'x':>5s} {'req/s':>6s} {'out tok/s':>9s} "
           f"{'x':>5s} {'peak run':>8s} {'preempt':>7s} {'wall s':>7s}")
     for r in result["rows"]:
-        print(f"{r['model']:14s} {r['kv_cache_dtype'].replace('auto', SHORT_DTYPES[args.dtype]):>5s} "
+        print(f"{r['model']:14s} {r['kv_cache_dtype'].replace('auto', LONG_NAMES[args.dtype]):>5s} "
               f"{r['budget_bytes'] / 2**20:>5.0f}MiB {r['kv_capacity_tokens']:>9,} {r.get('capacity_vs_baseline', 0):>5.2f} "
               f"{r['requests_per_s']:>6.2f} {r['output_tokens_per_s']:>9.1f} {r.get('throughput_vs_baseline', 0):>5.2f} "
               f"{r['peak_running']:>8d} {r['preemptions']:>7d} {r['wall_s']:>7.1f}")

@@ -23,8 +23,8 @@ _fraction.type_name = "number in (0, 1]"
 def register(sub: argparse._SubParsersAction) -> None:
     from ..config import CLA_PATTERNS
     from ..convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, KV_INITS
+    from ..device import DTYPE_CHOICES
     from ..plan import METRICS, SEARCH_TOKENS
-    from ..runtime import DTYPE_CHOICES
 
     p = sub.add_parser(
         "convert", help="convert a Llama / Mistral / Qwen2 (or dense crosslayer) checkpoint into a CLA model",

@@ -10,7 +10,7 @@ from . import add_json_flags, add_model_flags, emit, load_model_from_args, non_n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..decode import KV_DTYPES
+    from ..device import KV_DTYPES
     from ..generate import CACHES
 
     p = sub.add_parser(

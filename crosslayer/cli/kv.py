@@ -9,7 +9,7 @@ from . import add_json_flags, emit, positive_int
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..config import CLA_PATTERNS
-    from ..kv import DTYPE_BYTES
+    from ..device import ELEMENT_BYTES
 
     p = sub.add_parser(
         "kv", help="KV-cache bytes per token, per sequence, and sequences that fit a memory budget",
@@ -21,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-presets", action="store_true", help="list named presets with their KV bytes")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (none: the model's maximum)")
     p.add_argument("--memory", default=None, metavar="SIZE", help="memory budget, e.g. 80GiB; weights are subtracted")
-    p.add_argument("--kv-dtype", default="bf16", choices=tuple(DTYPE_BYTES),
+    p.add_argument("--kv-dtype", default="bf16", choices=tuple(ELEMENT_BYTES),
                    help="cache element type; int8 and fp8 add one float16 scale per token, K/V head and K or V")
-    p.add_argument("--weight-dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="weight element type")
+    p.add_argument("--weight-dtype", default="bf16", choices=tuple(ELEMENT_BYTES), help="weight element type")
     p.add_argument("--cla-factor", type=positive_int, default=None, help="override: share K/V across this many layers")
     p.add_argument("--cla-pattern", default=None, choices=CLA_PATTERNS, help="override: which layers produce K/V")
     add_json_flags(p)

@@ -117,7 +117,8 @@ def perplexity(model, tokenizer, data: str, context: int | None = None, stride: 
     result: dict[str, Any] = {"data": data, "context": context, "stride": stride}
     text = None
     if Path(data).is_dir() and (Path(data) / "meta.json").exists():
-        from ..data import load_tokens, read_meta, tokenizer_fingerprint
+        from ..data import load_tokens, read_meta
+        from ..loading import tokenizer_fingerprint
 
         meta = read_meta(data)
         if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
