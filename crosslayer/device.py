@@ -7,7 +7,9 @@ work before a clock is read, and a human name of the device for benchmark report
 
 from __future__ import annotations
 
+import functools
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -93,6 +95,49 @@ def cpu_model() -> str:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+# /proc/cpuinfo flags that name matrix units for 16-bit and 8-bit GEMMs (x86-64)
+MATRIX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16), so bf16 training pays."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 0.2) -> float:
+    """Measured GFLOP/s of an (n x n) @ (n x n) product in `dtype` on the CPU with torch's threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up: first-call set-up, packing buffers
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
+        a @ b
+        runs += 1
+    return 2 * n**3 * runs / elapsed / 1e9
+
+
+@functools.cache
+def cpu_capabilities() -> dict:
+    """What this CPU offers matrix work, measured once per process: its model, threads, matrix-unit
+    flags and the GEMM GFLOP/s of fp32 and bf16 (benchmarks carry this beside every figure)."""
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "features": sorted(f for f in MATRIX_FLAGS if f in flags),
+        "bf16_matrix_units": has_bf16_matrix_units(),
+        "gemm_gflops": {name: round(gemm_gflops(DTYPES[name]), 1) for name in ("fp32", "bf16")},
+    }
 
 
 def device_name(device: torch.device) -> str:

@@ -1,0 +1,154 @@
+"""Vocabulary-wide losses, a chunk of rows at a time: next-token cross-entropy, and distillation from
+a teacher's logits (online) or from its stored top-k (offline, `crosslayer.teacher_cache`).
+
+The (tokens x vocabulary) logits of a batch are never made whole. For each chunk of rows the output
+layer runs in the compute dtype (bf16 under autocast: the CPU's or GPU's matrix units), its logits go
+to fp32 for the softmax, and since every loss here is a sum of per-row terms, the gradient with
+respect to that chunk's logits is formed on the spot and multiplied back into the gradients of the
+hidden states and of the output weight (accumulated in fp32). Backward then only scales what forward
+stored, so nothing is recomputed. The three losses, per row, with z the student's logits:
+
+- next token t:           CE = logsumexp(z) - z_t;                        dCE/dz = softmax(z) - onehot(t)
+- teacher logits y, T:    T^2 KL(softmax(y/T) || softmax(z/T));           d/dz = T (softmax(z/T) - softmax(y/T))
+- teacher top-k K (ids), their log-probabilities log p_K and the log of the rest's mass log r (all at
+  T = 1): the KL between the two distributions coarsened to k + 1 outcomes (each top-k token, and
+  "any other token"),  sum_K p_k (log p_k - log q_k) + r (log r - log q_rest),  with
+  q = softmax(z) and q_rest = 1 - sum_K q_k (from the logits outside K, not by subtraction);
+  d/dz_j = q_j - p_j for j in K, and q_j (1 - r / q_rest) elsewhere.
+Each loss is the mean over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# rows per chunk: enough that the output layer's GEMM runs at the matrix units' pace, few enough that one
+# chunk's fp32 logits stay a small fraction of memory (512 rows x 49,152 tokens = 96 MiB)
+CHUNK_ROWS = 512
+
+
+@dataclass
+class NextToken:
+    """Targets of next-token cross-entropy: ids (N,)."""
+
+    ids: torch.Tensor
+
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, its gradient w.r.t. z) for fp32 logits z (n, V) of `rows`."""
+        ids = self.ids[rows]
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        loss = (lse - z.gather(1, ids[:, None]).squeeze(1)).sum()
+        grad = torch.exp(z - lse[:, None])  # softmax, (n, V)
+        grad[torch.arange(len(ids), device=z.device), ids] -= 1
+        return loss, grad
+
+
+@dataclass
+class TeacherLogits:
+    """A teacher's final hidden states (N, d) and output weight (V, d): its logits are made a chunk at a
+    time beside the student's; `temperature` softens both."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    temperature: float = 1.0
+
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.temperature
+        y = (self.hidden[rows].to(compute_dtype) @ self.weight.to(compute_dtype).T).float()  # (n, V)
+        log_p = torch.log_softmax(y / T, dim=-1)
+        log_q = torch.log_softmax(z / T, dim=-1)
+        p = log_p.exp()
+        loss = (p * (log_p - log_q)).sum() * T * T
+        return loss, (log_q.exp() - p) * T
+
+
+@dataclass
+class TeacherTopK:
+    """A teacher's stored top-k per row: ids (N, k), log-probabilities (N, k), log of the rest's mass (N,)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_rest: torch.Tensor
+
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, log_p, log_r = self.ids[rows], self.logprobs[rows].float(), self.log_rest[rows].float()
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+        log_q_top = z.gather(1, ids) - lse  # (n, k)
+        log_q_rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=-1) - lse.squeeze(1)  # (n,)
+        p, r = log_p.exp(), log_r.exp()
+        some_rest = r > 0  # (n,) where the top-k does not hold all of the teacher's mass
+        rest_term = torch.where(some_rest, r * (log_r - log_q_rest), 0.0)  # r log(r / q_rest), 0 for r = 0
+        loss = (p * (log_p - log_q_top)).sum() + rest_term.sum()
+        q = torch.exp(z - lse)  # (n, V)
+        grad = q * (1 - torch.where(some_rest, torch.exp(log_r - log_q_rest), 0.0))[:, None]
+        grad.scatter_(1, ids, log_q_top.exp() - p)
+        return loss, grad
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean over rows of target's loss on logits hidden @ weight.T, a chunk of rows at a time (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk_rows, compute_dtype):  # hidden (N, d), weight (V, d)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N = hidden.shape[0]
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, N, chunk_rows):
+                rows = slice(start, min(start + chunk_rows, N))
+                h = hidden[rows].to(compute_dtype)  # (n, d)
+                z = (h @ w.T).float()  # (n, V)
+                loss, grad = target.loss_and_grad(z, rows, compute_dtype)
+                total += loss.double()
+                del z
+                if need_hidden or need_weight:
+                    grad = grad.to(compute_dtype)
+                    if need_hidden:
+                        grad_hidden[rows] = grad @ w  # (n, d)
+                    if need_weight:
+                        grad_weight += (grad.T @ h).float()  # (V, d)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.rows, ctx.weight_dtype = N, weight.dtype
+        return (total / N).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_out / ctx.rows
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None, None)
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, target, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mean loss of `target` (NextToken, TeacherLogits or TeacherTopK) on the logits hidden @ weight.T,
+    hidden (N, d) and weight (V, d), computed `chunk_rows` rows at a time in the autocast dtype (else the
+    weight's), softmax and loss in fp32. Differentiable in hidden and weight."""
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return _ChunkedHeadLoss.apply(hidden, weight, target, chunk_rows, compute_dtype)
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The final (normalised) hidden states (B, T, d) of a Llama-family causal LM (ours included): what
+    its output layer `model.lm_head` reads."""
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+class HeadLoss(nn.Module):
+    """A causal LM whose forward returns a chunked loss instead of logits, so parallel wrappers (DDP, FSDP)
+    and torch.compile see the output layer's weight used inside one forward. `lm` needs `.model` (the
+    base model) and `.lm_head`, as Llama-family models and ours have."""
+
+    def __init__(self, lm: nn.Module, chunk_rows: int = CHUNK_ROWS) -> None:
+        super().__init__()
+        self.lm, self.chunk_rows = lm, chunk_rows
+
+    def forward(self, input_ids: torch.Tensor, target) -> torch.Tensor:
+        hidden = final_hidden(self.lm, input_ids)  # (B, T, d)
+        return head_loss(hidden.flatten(0, 1), self.lm.lm_head.weight, target, self.chunk_rows)
