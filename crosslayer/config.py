@@ -4,15 +4,18 @@ Cross-Layer Attention (Brandon et al., NeurIPS 2024) shares key/value projection
 adjacent decoder layers. Everything about the sharing lives in `kv_sources`: `kv_sources[i]` is
 the layer whose K/V layer `i` attends with. A layer with `kv_sources[i] == i` is a *producer*: it
 owns `k_proj`/`v_proj` and a KV cache slot. Any other layer is a *consumer* of an earlier producer.
-Named patterns (CLA2, KeepEnds, ...) are just functions that produce that list.
+Named patterns (CLA2, KeepEnds, ...) are just functions that produce that list; `kv_groups`,
+`from_groups` and `describe` read and write it as sharing groups (a plan).
 
 The named presets reproduce the paper's design space (Table 1, the 3B runs) and TinyLlama, and
-add small shapes that train on a CPU.
+add small shapes that train on a CPU. `load_config` reads a preset, a crosslayer or Llama-family
+config.json (the latter as its dense twin), a YAML file or a dict of fields.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -23,11 +26,10 @@ from .recipe import read_yaml
 CLA_PATTERNS = ("uniform", "keep_ends", "dense_front", "dense_back")
 # rope types our rotary embedding reproduces exactly (tested against transformers' Llama, tests/test_convert.py)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 # ----------------------------------------------------------------------------------------------
-# Sharing patterns -> kv_sources
+# Sharing patterns -> kv_sources, and kv_sources as sharing groups
 
 
 def _grouped(start: int, stop: int, factor: int) -> list[int]:
@@ -85,6 +87,36 @@ def validate_kv_sources(kv_sources: list[int], num_layers: int) -> None:
                 f"kv_sources[{i}] = {src}, but layer {src} is itself a consumer (of layer "
                 f"{kv_sources[src]}); point layer {i} at a producer (a layer whose source is itself)"
             )
+
+
+def kv_groups(kv_sources: list[int]) -> dict[int, list[int]]:
+    """producer -> every layer that attends with its K/V, in order (the producer first)."""
+    groups: dict[int, list[int]] = {}
+    for layer, src in enumerate(kv_sources):
+        groups.setdefault(src, []).append(layer)
+    return groups
+
+
+def from_groups(sizes: list[int]) -> list[int]:
+    """kv_sources of contiguous groups of these sizes, front to back: [1, 2, 3] -> [0, 1, 1, 3, 3, 3]."""
+    sources, start = [], 0
+    for size in sizes:
+        sources += [start] * size
+        start += size
+    return sources
+
+
+def describe(kv_sources: list[int]) -> str:
+    """`[0] [1] [2-3] [4-6]`: each group of layers that share one producer's K/V."""
+    spans = []
+    for members in kv_groups(kv_sources).values():
+        if len(members) == 1:
+            spans.append(f"[{members[0]}]")
+        elif members == list(range(members[0], members[-1] + 1)):
+            spans.append(f"[{members[0]}-{members[-1]}]")
+        else:
+            spans.append("[" + ",".join(map(str, members)) + "]")
+    return " ".join(spans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +450,6 @@ def load_config(spec: str | dict[str, Any], **overrides: Any) -> CLAConfig:
     A transformers Llama config is read as its dense (CLA1) twin; `overrides` (e.g.
     `cla_factor=2`) then apply, so one can ask what CLA would do to an existing model.
     """
-    from pathlib import Path
-
     if isinstance(spec, dict):
         raw = dict(spec)
     else:

@@ -9,48 +9,39 @@ Conversion is two steps. `dense_copy` maps every source tensor, each exactly onc
 dense CLA model with equal logits. `share_kv` then applies a sharing plan (`kv_sources`): every
 layer keeps its Q, O, MLP and norms; each producer's K/V projections and KV-input norm are
 initialised from its group (the producer and the consumers that will read its K/V) by one of
-KV_INITS (fit, mean, mean-folded, first; see `share_kv`). With cla_factor=1 the copy is exact.
+KV_INITS (fit, mean, mean-folded, first; see `share_kv`; `fit` reads crosslayer.calibration's
+activations). With cla_factor=1 the copy is exact.
 
-`convert(src, out)` writes OUT atomically (a temporary folder beside it, renamed at the end) with the
-source's tokenizer files, chat template and generation config, and the plan as `plan.json`; on any
-error nothing is left behind. Plans are given (`cla_factor` / `cla_pattern`, `kv_sources`, a plan
-file) or searched on calibration data (crosslayer.plan).
+`convert(src, out)` resolves the plan, builds the model, and writes OUT atomically (a temporary folder
+beside it, renamed at the end) with the source's tokenizer files, chat template and generation config,
+and the plan as `plan.json` (`read_plan` reads it back); on any error nothing is left behind. Plans are
+given (`cla_factor` / `cla_pattern`, `kv_sources`, a plan file) or searched on calibration data (a
+`PlanSearch` such as crosslayer.plan.Searcher).
 """
 
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
-from transformers.masking_utils import create_causal_mask
+from transformers import AutoModelForCausalLM
 
-from .config import MODEL_FIELDS, CLAConfig, load_config, validate_kv_sources
+from .calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, Calibration, read_calibration
+from .config import MODEL_FIELDS, CLAConfig, describe, kv_groups, load_config, validate_kv_sources
 from .device import dtype_by_name
 from .errors import CrossLayerError
-from .loading import (
-    copy_tokenizer_files,
-    load_tokenizer,
-    quiet_transformers,
-    read_source_config,
-    split_model_spec,
-    tokenizer_fingerprint,
-)
-from .modeling import CLAForCausalLM, SharedKV, rotate_half
+from .loading import copy_tokenizer_files, load_tokenizer, quiet_transformers, read_source_config, split_model_spec
+from .modeling import CLAForCausalLM
 
 KV_INITS = ("fit", "mean", "mean-folded", "first")
-CALIBRATION_TOKENS = 2048  # default calibration size (4 sequences)
-CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence
-FIT_RIDGE = 1e-4  # least-squares fit: ridge as a fraction of the mean diagonal of X^T X
 SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
 
 # source name -> our name, per layer ({i}; {p} is weight or bias) and global
@@ -117,16 +108,12 @@ def target_config(raw: dict[str, Any], cla_factor: int = 1, cla_pattern: str = "
 def load_source(spec: str | Path, gguf_file: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """The source model from a folder, hub id or GGUF file (dequantised to `dtype`, default fp32);
     refuses weights transformers would silently make up or drop."""
-    from transformers import AutoModelForCausalLM
-
     location, gguf_file = split_model_spec(spec, gguf_file)
     kwargs: dict[str, Any] = dict(dtype=dtype or "auto", output_loading_info=True,
                                   # report a wrong shape in `info` (refused below) instead of raising
                                   ignore_mismatched_sizes=True)
     if gguf_file:
         kwargs.update(gguf_file=gguf_file, dtype=dtype or torch.float32)
-    from safetensors import SafetensorError
-
     try:
         with quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -247,27 +234,6 @@ def _assemble(config: CLAConfig, state: dict[str, torch.Tensor]) -> CLAForCausal
 # Sharing: each group's K/V initialised from its layers
 
 
-def kv_groups(kv_sources: list[int]) -> dict[int, list[int]]:
-    """producer -> every layer that attends with its K/V, in order (the producer first)."""
-    groups: dict[int, list[int]] = {}
-    for layer, src in enumerate(kv_sources):
-        groups.setdefault(src, []).append(layer)
-    return groups
-
-
-def describe(kv_sources: list[int]) -> str:
-    """`[0] [1] [2-3] [4-6]`: each group of layers that share one producer's K/V."""
-    spans = []
-    for members in kv_groups(kv_sources).values():
-        if len(members) == 1:
-            spans.append(f"[{members[0]}]")
-        elif members == list(range(members[0], members[-1] + 1)):
-            spans.append(f"[{members[0]}-{members[-1]}]")
-        else:
-            spans.append("[" + ",".join(map(str, members)) + "]")
-    return " ".join(spans)
-
-
 def read_plan(path: str | Path, num_layers: int | None = None) -> list[int]:
     """The kv_sources of a plan file: a plan.json written by `crosslayer convert` (its `kv_sources`) or
     a JSON list."""
@@ -331,41 +297,6 @@ def pooled_kv(dense: CLAForCausalLM, members: list[int], kv_init: str) -> dict[s
     raise CrossLayerError(f"kv_init {kv_init!r} needs calibration data; calibration-free inits: mean, mean-folded, first")
 
 
-def least_squares_kv(gram: torch.Tensor, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor],
-                     metric_k: list[torch.Tensor] | None = None, metric_v: list[torch.Tensor] | None = None,
-                     bias: bool = False, ridge: float = FIT_RIDGE) -> dict[str, torch.Tensor]:
-    """The K/V map of a producer that best reproduces each group member's original K and V, weighted.
-
-    With X (N, d') the producer's normalised inputs (a column of ones appended when `bias`) and K_j
-    (N, kv) member j's original keys, minimises sum_j tr((X W^T - K_j) M_j (X W^T - K_j)^T) over W,
-    likewise for values, from sufficient statistics: gram = X^T X (d', d'), cross_k[j] = X^T K_j
-    (d', kv), metric_k[j] = M_j (kv, kv; None: the identity, which fits the members' mean K). The
-    solution is W^T = (X^T X + ridge * mean(diag) * I)^-1 (sum_j X^T K_j M_j) (sum_j M_j)^-1, in float64.
-    Returns k/v weights (kv, d) (and biases), and a KV-input norm of ones.
-    """
-    d = gram.shape[0]
-    reg = ridge * gram.diagonal().mean() * torch.eye(d, dtype=torch.float64, device=gram.device)
-    if bias:
-        reg[-1, -1] = 0  # the intercept is not shrunk
-    system = gram.double() + reg
-    hidden = d - 1 if bias else d
-    out = {"kv_layernorm.weight": torch.ones(hidden, device=gram.device)}
-    for name, cross, metric in (("k_proj", cross_k, metric_k), ("v_proj", cross_v, metric_v)):
-        if metric is None:
-            rhs, weight = torch.stack(cross).double().mean(0), None  # (d', kv)
-        else:
-            rhs = sum(c.double() @ m.double() for c, m in zip(cross, metric, strict=True))  # (d', kv)
-            weight = sum(m.double() for m in metric)  # (kv, kv)
-        w_t = torch.linalg.solve(system, rhs)  # (d', kv)
-        if weight is not None:
-            w_t = torch.linalg.solve(weight, w_t.T).T  # right-multiply by weight^-1 (weight is symmetric)
-        w = w_t.T.float()  # (kv, d')
-        out[f"{name}.weight"] = w[:, :hidden].contiguous()
-        if bias:
-            out[f"{name}.bias"] = w[:, -1].contiguous()
-    return out
-
-
 def with_kv(dense: CLAForCausalLM, config: CLAConfig, kv: dict[int, dict[str, torch.Tensor]]) -> CLAForCausalLM:
     """The model of the sharing plan `config` whose producers' K/V maps are `kv` (producer -> tensors).
 
@@ -386,19 +317,21 @@ def with_kv(dense: CLAForCausalLM, config: CLAConfig, kv: dict[int, dict[str, to
 
 
 def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
-             calibration: torch.Tensor | None = None, batch_size: int = 4) -> CLAForCausalLM:
+             calibration: torch.Tensor | Calibration | None = None, batch_size: int = 4) -> CLAForCausalLM:
     """The dense CLA model `dense` turned into the sharing plan `config`, each producer's K/V map
     initialised from its group by `kv_init`:
 
       fit:          least squares on calibration tokens (the original model's activations): the
                     producer's map, applied to its own input, reproduces each group member's K and V,
                     key errors weighted by what that member's queries see of them (rotary offsets
-                    averaged), value errors by what its o_proj passes on (Calibration.fit);
+                    averaged), value errors by what its o_proj passes on (Calibration.fit); a group
+                    of one keeps its own map;
       mean:         the group's projections, biases and norm scales each averaged (the paper's mean pooling);
       mean-folded:  the mean of the group's maps W diag(g) (the KV-input norm becomes 1);
       first:        the producer's own map (the paper's "drop": the other layers' K/V are discarded).
 
-    `calibration`: (B, T) token ids, needed by `fit`. Every tensor but the producers' K/V maps is
+    `calibration`, needed by `fit`: (B, T) token ids (read in chunks of `batch_size`), or `dense`'s
+    Calibration on them, computed once for many plans. Every tensor but the producers' K/V maps is
     shared with `dense`.
     """
     if kv_init not in KV_INITS:
@@ -411,230 +344,13 @@ def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
         return with_kv(dense, config, {p: pooled_kv(dense, members, kv_init) for p, members in groups.items()})
     if calibration is None:
         raise CrossLayerError("kv_init 'fit' needs calibration tokens (a (B, T) tensor of token ids)")
-    return Calibration(dense, calibration, batch_size=batch_size).model(config)
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration tokens
-
-
-def read_calibration(data: str, tokenizer, tokens: int = CALIBRATION_TOKENS,
-                       seq_len: int = CALIBRATION_SEQ_LEN) -> torch.Tensor:
-    """(tokens // seq_len, seq_len) token ids from `data`: a text file or glob, or a folder made by
-    `crosslayer prepare` with this tokenizer (its train split).
-
-    The sequences are disjoint and taken from evenly spaced places across the whole text (in long
-    text each from the start of a line), so a few thousand tokens still cover many books; deterministic.
-    """
-    if tokens < seq_len:
-        raise CrossLayerError(f"calibration: {tokens} tokens is less than one sequence of {seq_len}")
-    n = tokens // seq_len
-    folder = Path(data)
-    if folder.is_dir() and (folder / "meta.json").exists():
-        from .data import load_tokens, read_meta
-
-        meta = read_meta(folder)
-        if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
-            raise CrossLayerError(f"calibration: {data} was tokenised with another tokenizer ({meta['tokenizer']}); "
-                                  "give text files, or a folder prepared with the model's tokenizer")
-        stream = load_tokens(folder, "train")
-        if len(stream) < n * seq_len:
-            raise CrossLayerError(f"calibration: {data} holds {len(stream):,} train tokens; {n * seq_len:,} needed")
-        starts = np.linspace(0, len(stream) - seq_len, n).astype(np.int64)
-        return torch.from_numpy(np.stack([np.asarray(stream[s : s + seq_len], dtype=np.int64) for s in starts]))
-    files = sorted(glob.glob(data, recursive=True))
-    if not files:
-        raise CrossLayerError(f"calibration: no file matches {data!r} (give a text file or glob, or a prepared folder)")
-    try:
-        text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise CrossLayerError(f"calibration: {data}: not UTF-8 text files ({e})") from None
-    span = seq_len * 16  # characters tokenised per sequence: enough for seq_len tokens of any text
-    if len(text) <= n * span:  # short text: tokenise it all, take n disjoint windows
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < n * seq_len:
-            raise CrossLayerError(f"calibration: {data} gives {len(ids):,} tokens; {n} sequences of {seq_len} need "
-                                  f"{n * seq_len:,} (give more text or fewer tokens)")
-        starts = np.linspace(0, len(ids) - seq_len, n).astype(np.int64)
-        return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
-    rows = []  # long text: tokenise n disjoint slices, each from the start of a line
-    for offset in np.linspace(0, len(text) - span, n).astype(np.int64):
-        begin = text.find("\n", int(offset)) + 1 if offset else 0
-        ids = tokenizer(text[begin : begin + span], add_special_tokens=False)["input_ids"]
-        if len(ids) < seq_len:
-            raise CrossLayerError(f"calibration: {data} has a stretch of {span:,} characters that gives fewer than "
-                                  f"{seq_len} tokens; is it text?")
-        rows.append(ids[:seq_len])
-    return torch.tensor(rows, dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------------------------
-# The original model's activations, and plans run against them
-
-
-@dataclass
-class Run:
-    """A plan run on the calibration tokens from some layer on."""
-
-    final: list[torch.Tensor]  # per chunk, the last layer's output (b, T, d)
-    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> its input, when kept
-
-
-class Calibration:
-    """The dense model's activations on calibration tokens (B, T), computed once, layer by layer: each
-    layer's input hidden state (to run plans from any layer) and its original K and V (before rotary;
-    the targets of the `fit` initialisation), with the weights of the fit's errors.
-    """
-
-    def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4,
-                 progress: bool = False) -> None:
-        if dense.config.num_producer_layers != dense.config.num_hidden_layers:
-            raise CrossLayerError("calibration needs the dense model (every layer its own producer)")
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
-            raise CrossLayerError(f"calibration tokens must be a (B, T) tensor with T >= 2, got shape {tuple(tokens.shape)}")
-        self.dense = dense.eval()
-        self.config = dense.config
-        device = dense.model.embed_tokens.weight.device
-        self.chunks = list(tokens.to(device).split(batch_size))  # each (b, T)
-        self.tokens = tokens
-        self.num_tokens = tokens.numel()
-        self.contexts = [self._context(c) for c in self.chunks]
-        self.keys: list[torch.Tensor] = []  # per layer (N, kv_heads * head_dim), N = B * T
-        self.values: list[torch.Tensor] = []
-        self.key_metrics: list[torch.Tensor] = []  # per layer (kv, kv): what its queries see of a key error
-        self.value_metrics: list[torch.Tensor] = []  # per layer (kv, kv): what its o_proj passes of a value error
-        self.hidden: list[list[torch.Tensor]] = []  # per layer, per chunk (b, T, d); [L]: the last output
-        self._fits: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # group -> its fitted K/V map
-        layers = self.dense.model.layers
-        rotations = self._rotations(tokens.shape[1])
-        with torch.no_grad():
-            h = [self.dense.model.embed_tokens(c) for c in self.chunks]  # per chunk (b, T, d)
-            for layer in _bar(layers, progress, "calibration"):
-                self.hidden.append(h)
-                k, v = zip(*(self._kv(layer, x) for x in h), strict=True)
-                self.keys.append(torch.cat(k).float())
-                self.values.append(torch.cat(v).float())
-                self.key_metrics.append(self._key_metric(layer, h, rotations))
-                self.value_metrics.append(self._value_metric(layer))
-                h = [self._layer(layer, x, ctx, SharedKV()) for x, ctx in zip(h, self.contexts, strict=True)]
-            self.hidden.append(h)
-
-    # -- pieces of the forward pass ----------------------------------------------------------
-
-    def _context(self, chunk: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
-        """(attention mask, rotary cos/sin) of a chunk of sequences, as CLAModel.forward builds them."""
-        embeds = self.dense.model.embed_tokens.weight[:1].expand(*chunk.shape, -1)  # (b, T, d), shape only
-        position_ids = torch.arange(chunk.shape[1], device=chunk.device).unsqueeze(0)  # (1, T)
-        mask = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=None, cache=None,
-                                  position_ids=position_ids)
-        return mask, self.dense.model.rotary_emb(embeds, position_ids)
-
-    def _rotations(self, seq_len: int, samples: int = 64) -> torch.Tensor:
-        """Rotary matrices R_d (samples, hd, hd) for offsets d spread over 0..seq_len-1: a row vector x at
-        offset d rotates to x @ R_d."""
-        offsets = torch.linspace(0, seq_len - 1, samples).round().long().unsqueeze(0)  # (1, samples)
-        eye = torch.eye(self.config.head_dim, device=offsets.device)
-        with torch.no_grad():
-            cos, sin = self.dense.model.rotary_emb(eye, offsets)  # (1, samples, hd) each
-        cos, sin = cos[0].float(), sin[0].float()
-        return eye * cos[:, None, :] + rotate_half(eye) * sin[:, None, :]  # (samples, hd, hd)
-
-    def _key_metric(self, layer: torch.nn.Module, h: list[torch.Tensor], rotations: torch.Tensor) -> torch.Tensor:
-        """(kv, kv) block-diagonal: per K/V head, E[R_d^T q q^T R_d] over the layer's queries q of its
-        query heads on that K/V head (before rotary) and offsets d, so e M e^T is the mean squared
-        attention-score error a key error e causes (the rotation at each offset taken into account)."""
-        n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
-        group = self.config.num_attention_heads // n_kv
-        m = torch.zeros(n_kv, hd, hd, dtype=torch.float64)
-        for x in h:
-            q = layer.self_attn.q_proj(layer.input_layernorm(x)).view(-1, n_kv, group, hd).double()  # (bT, kv, g, hd)
-            m += torch.einsum("nkgi,nkgj->kij", q, q)
-        m /= self.num_tokens
-        r = rotations.double()  # (S, hd, hd)
-        rotated = torch.einsum("sji,kjl,slm->kim", r, m, r) / r.shape[0]  # mean over s of R_s^T m R_s
-        return torch.block_diag(*rotated).float()
-
-    def _value_metric(self, layer: torch.nn.Module) -> torch.Tensor:
-        """(kv, kv) block-diagonal: per K/V head, sum over its query heads h of O_h^T O_h, O_h (d, hd) the
-        columns of o_proj that read head h, so e M e^T is the squared output error a value error e causes."""
-        n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
-        o = layer.self_attn.o_proj.weight.detach().double().view(-1, n_kv, self.config.num_attention_heads // n_kv, hd)
-        return torch.block_diag(*torch.einsum("dkgi,dkgj->kij", o, o)).float()  # (d, kv, g, hd) -> (kv, kv)
-
-    @staticmethod
-    def _kv(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A dense layer's own K and V (before rotary) of its input x (b, T, d), as (b*T, kv) each."""
-        kv_input = layer.kv_layernorm.weight * layer.input_layernorm.normalize(x)
-        return layer.self_attn.k_proj(kv_input).flatten(0, 1), layer.self_attn.v_proj(kv_input).flatten(0, 1)
-
-    @staticmethod
-    def _layer(layer: torch.nn.Module, x: torch.Tensor, context, shared: SharedKV) -> torch.Tensor:
-        mask, position_embeddings = context
-        return layer(x, attention_mask=mask, position_embeddings=position_embeddings, shared_kv=shared)
-
-    # -- plans -------------------------------------------------------------------------------
-
-    def fit(self, members: list[int]) -> dict[str, torch.Tensor]:
-        """The K/V map of a producer whose group is `members`: least squares from the producer's original
-        input to each member's original K and V, key errors weighted by what the member's queries see
-        of them, value errors by what its o_proj passes on (`least_squares_kv`). Depends on the group
-        only, so it is computed once per group."""
-        key = tuple(members)
-        if key not in self._fits:
-            norm = self.dense.model.layers[members[0]].input_layernorm
-            inputs = torch.cat([norm.normalize(c).flatten(0, 1) for c in self.hidden[members[0]]]).double()  # (N, d)
-            bias = self.dense.model.layers[members[0]].self_attn.k_proj.bias is not None
-            if bias:
-                inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], 1)  # (N, d+1): the intercept
-            self._fits[key] = least_squares_kv(
-                inputs.T @ inputs, [inputs.T @ self.keys[j].double() for j in members],
-                [inputs.T @ self.values[j].double() for j in members], [self.key_metrics[j] for j in members],
-                [self.value_metrics[j] for j in members], bias)
-        return self._fits[key]
-
-    def kv(self, config: CLAConfig, kv_init: str = "fit") -> dict[int, dict[str, torch.Tensor]]:
-        """producer -> its K/V tensors under plan `config`: fitted (groups of one keep their own map) or
-        a calibration-free init (pooled_kv)."""
-        groups = kv_groups(config.kv_sources)
-        if kv_init != "fit":
-            return {p: pooled_kv(self.dense, members, kv_init) for p, members in groups.items()}
-        return {p: self.fit(members) if len(members) > 1 else pooled_kv(self.dense, members, "first")
-                for p, members in groups.items()}
-
-    def model(self, config: CLAConfig, kv_init: str = "fit") -> CLAForCausalLM:
-        """The model of plan `config` (sharing every other tensor with the dense model)."""
-        return with_kv(self.dense, config, self.kv(config, kv_init))
-
-    def run(self, kv_sources: list[int], start: int = 0, hidden: list[torch.Tensor] | None = None,
-            keep_hidden: bool = False, kv_init: str = "fit") -> Run:
-        """Run plan `kv_sources` on the calibration tokens from layer `start` on, given `hidden` there
-        (default: the original input of layer `start`). No layer from `start` on may read the K/V of
-        a layer before it."""
-        if any(src < start <= layer for layer, src in enumerate(kv_sources)):
-            raise CrossLayerError(f"cannot run plan {describe(kv_sources)} from layer {start}: a group crosses it")
-        if hidden is None:
-            hidden = self.hidden[start]
-        model = self.model(sharing_config(self.config, kv_sources), kv_init)
-        out = Run(final=[])
-        shared = [SharedKV() for _ in self.chunks]
-        h = hidden
-        with torch.no_grad():
-            for i in range(start, len(kv_sources)):
-                if keep_hidden:
-                    out.hidden[i] = h
-                layer = model.model.layers[i]
-                h = [self._layer(layer, x, ctx, s) for x, ctx, s in zip(h, self.contexts, shared, strict=True)]
-        out.final = h
-        return out
-
-
-def _bar(items, progress: bool, desc: str):
-    """A tqdm bar over items when progress is asked for; else the items."""
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration(dense, calibration, batch_size=batch_size)
+    elif calibration.dense is not dense:
+        raise CrossLayerError("share_kv: the Calibration given was computed on another model; give its dense model")
+    kv = {p: calibration.fit(members) if len(members) > 1 else pooled_kv(dense, members, "first")
+          for p, members in groups.items()}
+    return with_kv(dense, config, kv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,9 +390,9 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     was chosen, and the search's steps.
     """
     out = Path(out)
-    out_dtype = None if dtype == "auto" else dtype_by_name(dtype)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CrossLayerError(f"{out} already exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    out_dtype = None if dtype == "auto" else dtype_by_name(dtype)
     if kv_init not in KV_INITS:
         raise CrossLayerError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
     location, gguf_file = split_model_spec(src, gguf_file)
@@ -684,20 +400,71 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     before = target_config(raw)  # the source as a dense CLA config: its KV bytes
     n = before.num_hidden_layers
 
-    # the plan: every check that needs no weights runs now
+    # 1. the plan: every check that needs no weights runs now
+    config = _resolve_plan(raw, n, cla_factor, cla_pattern, kv_sources, plan, search)
+    needs_data = _needs_calibration(config, search, kv_init, calibration, calibration_tokens, calibration_seq_len)
+    local = Path(location) if gguf_file is None and Path(location).is_dir() else None
+    tokenizer = None
+    if local is None or needs_data:  # a GGUF file or a hub repository: transformers builds the tokenizer
+        tokenizer = load_tokenizer(location, gguf_file)
+    tokens = None
+    if needs_data:
+        seq_len = min(calibration_seq_len or CALIBRATION_SEQ_LEN, before.max_position_embeddings)
+        tokens = read_calibration(calibration, tokenizer, calibration_tokens or CALIBRATION_TOKENS, seq_len)
+
+    # 2. the model, in memory (a search chooses its plan now)
+    source = load_source(location, gguf_file)
+    model, search_result = _build(source, raw, config, search, kv_init, tokens, progress)
+    model = model.to(out_dtype or next(source.parameters()).dtype).eval()
+    config = model.config
+    shares = search is not None or config.num_producer_layers < n
+    record = {
+        "kv_sources": config.kv_sources, "plan": describe(config.kv_sources), "layers": n,
+        "producers": config.num_producer_layers, "kv_bytes_per_token": config.kv_bytes_per_token(),
+        "kv_fraction": config.kv_bytes_per_token() / before.kv_bytes_per_token(),
+        "chosen_by": _chosen_by(config, search, plan), "kv_init": kv_init if shares else "copy", "source": str(src),
+        "calibration": None if tokens is None else {"data": calibration, "tokens": tokens.numel(),
+                                                    "seq_len": tokens.shape[1]},
+        "search": None if search_result is None else {k: v for k, v in search_result.items() if k != "kv_sources"},
+    }
+
+    # 3. the folder, atomically
+    copied = _write_atomically(out, model, local, tokenizer, record)
+    return {
+        "source": str(src), "out": str(out), "architecture": (raw.get("architectures") or ["?"])[0],
+        "layers": n, "producers": config.producer_layers, "kv_sources": config.kv_sources,
+        "plan": record["plan"], "chosen_by": record["chosen_by"], "kv_init": record["kv_init"],
+        "kv_bytes_before": before.kv_bytes_per_token(), "kv_bytes_after": config.kv_bytes_per_token(),
+        "params_before": sum(p.numel() for p in source.parameters()),
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "tokenizer_files": copied, "calibration": record["calibration"], "search": search_result,
+    }
+
+
+def _resolve_plan(raw: dict[str, Any], num_layers: int, cla_factor: int | None, cla_pattern: str,
+                  kv_sources: list[int] | None, plan: str | Path | None, search: PlanSearch | None) -> CLAConfig | None:
+    """The target config of the plan asked for (given one way only), before any weight is read; None when
+    `search` is to choose the plan (its settings checked against the source's `num_layers` now)."""
     given = [name for name, value in (("cla_factor", cla_factor), ("kv_sources", kv_sources), ("plan", plan),
                                       ("search", search)) if value is not None]
     if len(given) > 1:
         raise CrossLayerError(f"give the sharing plan one way (cla_factor, kv_sources, a plan file, or a search); "
                               f"got {' and '.join(given)}")
+    if search is not None:
+        search.check(num_layers)
+        return None
+    if plan is not None:
+        kv_sources = read_plan(plan, num_layers)
+    return target_config(raw, cla_factor or 1, cla_pattern, kv_sources)
+
+
+def _needs_calibration(config: CLAConfig | None, search: PlanSearch | None, kv_init: str, calibration: str | None,
+                       calibration_tokens: int | None, calibration_seq_len: int | None) -> bool:
+    """Whether the conversion reads calibration text (a search, or kv_init fit of a plan that shares K/V);
+    refuses calibration settings it would not use, and a missing calibration it needs."""
     searching = search is not None
-    if searching:
-        search.check(n)
-    elif plan is not None:
-        kv_sources = read_plan(plan, n)
-    config = None if searching else target_config(raw, cla_factor or 1, cla_pattern, kv_sources)
-    shares = searching or config.num_producer_layers < n
-    needs_data = shares and (searching or kv_init == "fit")
+    needs_data = searching or (kv_init == "fit" and config.num_producer_layers < config.num_hidden_layers)
     if needs_data and calibration is None:
         raise CrossLayerError(
             f"{'plan search' if searching else 'kv_init fit'} measures on calibration text: give calibration (a text "
@@ -706,43 +473,36 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     if not needs_data and (calibration is not None or calibration_tokens is not None or calibration_seq_len is not None):
         raise CrossLayerError("calibration is read only by kv_init fit and plan search; this conversion would not "
                               "use it")
+    return needs_data
 
-    local = Path(location) if gguf_file is None and Path(location).is_dir() else None
-    tokenizer = None
-    if local is None or needs_data:  # a GGUF file or a hub repository: transformers builds the tokenizer
 
-        tokenizer = load_tokenizer(location, gguf_file)
-    tokens = None
-    if needs_data:
-        seq_len = min(calibration_seq_len or CALIBRATION_SEQ_LEN, before.max_position_embeddings)
-        tokens = read_calibration(calibration, tokenizer, calibration_tokens or CALIBRATION_TOKENS, seq_len)
-    source = load_source(location, gguf_file)
+def _build(source: nn.Module, raw: dict[str, Any], config: CLAConfig | None, search: PlanSearch | None,
+           kv_init: str, tokens: torch.Tensor | None, progress: bool) -> tuple[CLAForCausalLM, dict[str, Any] | None]:
+    """The converted model (K/V maps in fp32, the rest in the source's dtype) and, when `search` chooses the
+    plan on the calibration `tokens`, the search's result."""
     dense = dense_copy(source)
-    search_result = None
-    if shares and (searching or kv_init == "fit"):
-        activations = Calibration(dense, tokens, progress=progress)
-        if searching:
-            search_result = search(activations)
-            config = target_config(raw, kv_sources=search_result["kv_sources"])
-        model = activations.model(config, kv_init)
-    else:
-        model = share_kv(dense, config, kv_init) if shares else dense
-    model = model.to(out_dtype or next(source.parameters()).dtype).eval()
-    config = model.config
-    if config.cla_pattern == "custom":
-        chosen = "search" if searching else f"plan file {plan}" if plan is not None else "kv_sources"
-    else:
-        chosen = f"cla_factor {config.cla_factor}, {config.cla_pattern}"
-    record = {
-        "kv_sources": config.kv_sources, "plan": describe(config.kv_sources), "layers": n,
-        "producers": config.num_producer_layers, "kv_bytes_per_token": config.kv_bytes_per_token(),
-        "kv_fraction": config.kv_bytes_per_token() / before.kv_bytes_per_token(), "chosen_by": chosen,
-        "kv_init": kv_init if shares else "copy", "source": str(src),
-        "calibration": None if tokens is None else {"data": calibration, "tokens": tokens.numel(),
-                                                    "seq_len": tokens.shape[1]},
-        "search": None if search_result is None else {k: v for k, v in search_result.items() if k != "kv_sources"},
-    }
+    if config is not None and config.num_producer_layers == config.num_hidden_layers:
+        return dense, None
+    activations = None if tokens is None else Calibration(dense, tokens, progress=progress)
+    result = None
+    if search is not None:
+        result = search(activations)
+        config = target_config(raw, kv_sources=result["kv_sources"])
+    return share_kv(dense, config, kv_init, activations), result
 
+
+def _chosen_by(config: CLAConfig, search: PlanSearch | None, plan: str | Path | None) -> str:
+    """How the plan of `config` was chosen, for plan.json."""
+    if config.cla_pattern != "custom":
+        return f"cla_factor {config.cla_factor}, {config.cla_pattern}"
+    return "search" if search is not None else f"plan file {plan}" if plan is not None else "kv_sources"
+
+
+def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, tokenizer: Any,
+                      record: dict[str, Any]) -> list[str]:
+    """`model`, the tokenizer files (a `local` source folder's byte for byte, else `tokenizer`
+    saved), its generation config and `record` as plan.json, written to a temporary folder beside `out`
+    that is renamed to `out` at the end, or removed on any error. Returns the tokenizer files written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
@@ -763,18 +523,9 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp and some writers make private files; OUT looks like any folder
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
-            out.rmdir()  # empty (checked above); rename cannot replace a folder portably
+            out.rmdir()  # empty (checked by convert); rename cannot replace a folder portably
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
-        "source": str(src), "out": str(out), "architecture": (raw.get("architectures") or ["?"])[0],
-        "layers": n, "producers": config.producer_layers, "kv_sources": config.kv_sources,
-        "plan": record["plan"], "chosen_by": chosen, "kv_init": record["kv_init"],
-        "kv_bytes_before": before.kv_bytes_per_token(), "kv_bytes_after": config.kv_bytes_per_token(),
-        "params_before": sum(p.numel() for p in source.parameters()),
-        "params_after": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "tokenizer_files": copied, "calibration": record["calibration"], "search": search_result,
-    }
+    return copied

@@ -1,19 +1,18 @@
-"""Sharing plans measured on data: calibration tokens, what a plan costs, a search for the plan that
-costs least within a KV budget, and plan.json.
+"""Sharing plans measured on data: what a plan costs, and a search for the plan that costs least
+within a KV budget.
 
 A plan is a `kv_sources` list (config.py). Layers of a pretrained model differ a lot in what sharing
-costs them (SmolLM2-135M: layer 1 reusing layer 0's K/V alone multiplies WikiText perplexity by 130,
-most other adjacent pairs cost 1-80%), so a plan is worth measuring rather than fixing in advance.
+costs them (docs/uptraining-smollm2.md), so a plan is worth measuring rather than fixing in advance.
 
 Everything here runs on a `Reference`: the original (dense) model's activations on calibration
-tokens (convert.Calibration), computed once, and its next-token probabilities. The cost of a plan is
-the mean KL divergence (nats per token) of the converted model's next-token distributions from the
+tokens (calibration.Calibration), computed once, and its next-token probabilities. The cost of a plan
+is the mean KL divergence (nats per token) of the converted model's next-token distributions from the
 original's on those tokens. A plan that equals another before layer `start` is measured from that
 plan's hidden state at `start`, so only the layers from there on run.
 
 `search` (contiguous groups of any size): greedy merging of adjacent groups, each merge measured on the
 whole plan, then boundary moves kept while they lower the cost (see `search`). Each producer's K/V
-map is fitted by weighted least squares on the original model's activations (`Reference.fit`),
+map is fitted by weighted least squares on the original model's activations (`Calibration.fit`),
 the `fit` initialisation of convert.share_kv. `Searcher` packs a search for `convert.convert(search=...)`:
 it scores plans on the first SEARCH_TOKENS calibration tokens (the fit of the final model uses all).
 """
@@ -30,7 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .convert import Calibration, Run, describe, kv_groups
+from .calibration import Calibration, Run, progress_bar
+from .config import describe, from_groups, kv_groups
+from .convert import share_kv, sharing_config
 from .errors import CrossLayerError
 from .modeling import CLAForCausalLM
 
@@ -42,15 +43,6 @@ HEAD_ROWS = 256  # tokens per slice through the output layer (a (256, vocab) fp3
 
 # ----------------------------------------------------------------------------------------------
 # Plans
-
-
-def from_groups(sizes: list[int]) -> list[int]:
-    """kv_sources of contiguous groups of these sizes, front to back: [1, 2, 3] -> [0, 1, 1, 3, 3, 3]."""
-    sources, start = [], 0
-    for size in sizes:
-        sources += [start] * size
-        start += size
-    return sources
 
 
 def producers_for_budget(kv_budget: float, num_layers: int) -> int:
@@ -65,7 +57,7 @@ def producers_for_budget(kv_budget: float, num_layers: int) -> int:
 
 
 class Reference(Calibration):
-    """Calibration activations (convert.Calibration) plus the original model's next-token probabilities
+    """Calibration activations (calibration.Calibration) plus the original model's next-token probabilities
     (fp16), so a plan run from any layer is scored by its KL divergence to the original."""
 
     def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4,
@@ -118,6 +110,13 @@ class Reference(Calibration):
                 total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
                 count += chunk[:, 1:].numel()
         return total / count
+
+    def run(self, kv_sources: list[int], start: int = 0, hidden: list[torch.Tensor] | None = None,
+            keep_hidden: bool = False, kv_init: str = "fit") -> Run:
+        """Run plan `kv_sources` (its K/V maps by `kv_init`, see convert.share_kv) on the calibration tokens
+        from layer `start` on, given `hidden` there (`Calibration.run_layers`)."""
+        model = share_kv(self.dense, sharing_config(self.config, kv_sources), kv_init, self)
+        return self.run_layers(model, start, hidden, keep_hidden)
 
     def cost(self, kv_sources: list[int], start: int = 0, hidden: list[torch.Tensor] | None = None,
              metric: str = "kl", keep_hidden: bool = False, kv_init: str = "fit") -> tuple[float, Run]:
@@ -177,6 +176,60 @@ def _merged(sizes: list[int], g: int) -> list[int]:
     return sizes[:g] + [sizes[g] + sizes[g + 1]] + sizes[g + 2 :]
 
 
+def _merge_greedily(state: _Search, producers: int) -> None:
+    """Lazy greedy merging down to `producers` groups (step 1 of `search`)."""
+    bar = progress_bar(None, state.progress, "plan search", total=len(state.sizes) - producers)
+    # a candidate is a boundary: the first layer of a group that would join the group before it.
+    # heap entries: (cost rise when last measured, boundary layer, at step)
+    heap = []
+    starts = _starts(state.sizes)
+    for g, boundary in enumerate(starts[1:]):
+        cost, _ = state.measure(_merged(state.sizes, g), starts[g])
+        heapq.heappush(heap, (cost - state.cost, boundary, -1))  # stale from the start: measured again when on top
+    step, runs = 0, {}  # runs: boundary -> its run, measured on the current plan
+    while len(state.sizes) > producers:
+        rise, boundary, measured_at = heapq.heappop(heap)
+        starts = _starts(state.sizes)
+        if boundary not in starts[1:]:
+            continue  # merged away already
+        g = starts.index(boundary) - 1
+        candidate = _merged(state.sizes, g)
+        if measured_at == step and boundary in runs:  # measured on the current plan and still the best
+            state.accept(candidate, state.cost + rise, runs[boundary], f"merge layer {boundary} into group {starts[g]}")
+            step, runs = step + 1, {}
+            if bar:
+                bar.update(1)
+            continue
+        cost, runs[boundary] = state.measure(candidate, starts[g])
+        heapq.heappush(heap, (cost - state.cost, boundary, step))
+    if bar:
+        bar.close()
+
+
+def _move_boundaries(state: _Search, rounds: int) -> None:
+    """Boundary moves on the whole plan, each kept when it lowers the cost (step 2 of `search`)."""
+    for round_ in range(rounds):
+        improved = False
+        g = 0
+        while g < len(state.sizes) - 1:
+            sizes, first = state.sizes, _starts(state.sizes)[g]
+            moves = []
+            if sizes[g + 1] > 1:
+                moves.append((sizes[:g] + [sizes[g] + 1, sizes[g + 1] - 1] + sizes[g + 2 :], "back"))
+            if sizes[g] > 1:
+                moves.append((sizes[:g] + [sizes[g] - 1, sizes[g + 1] + 1] + sizes[g + 2 :], "forward"))
+            for candidate, direction in moves:
+                cost, run = state.measure(candidate, first)
+                if cost < state.cost - 1e-6:
+                    layer = first + sizes[g] if direction == "back" else first + sizes[g] - 1
+                    state.accept(candidate, cost, run, f"move layer {layer} {direction} (round {round_ + 1})")
+                    improved = True
+                    break
+            g += 1
+        if not improved:
+            break
+
+
 def search(reference: Reference, producers: int, metric: str = "kl", refine_rounds: int = 1,
            progress: bool = False, start: list[int] | None = None) -> dict[str, Any]:
     """The contiguous sharing plan of `producers` groups that costs least on the calibration data, as
@@ -207,55 +260,8 @@ def search(reference: Reference, producers: int, metric: str = "kl", refine_roun
         if len(sizes) < producers:
             raise CrossLayerError(f"the start plan has {len(sizes)} producers, fewer than the {producers} asked for")
     state = _Search(reference, metric, progress, sizes)
-    bar = _bar(None, progress, "plan search", total=len(state.sizes) - producers)
-
-    # 1. lazy greedy merging. A candidate is a boundary: the first layer of a group that would join
-    # the group before it. heap entries: (cost rise when last measured, boundary layer, at step)
-    heap = []
-    starts = _starts(state.sizes)
-    for g, boundary in enumerate(starts[1:]):
-        cost, _ = state.measure(_merged(state.sizes, g), starts[g])
-        heapq.heappush(heap, (cost - state.cost, boundary, -1))  # stale from the start: measured again when on top
-    step, runs = 0, {}  # runs: boundary -> its run, measured on the current plan
-    while len(state.sizes) > producers:
-        rise, boundary, measured_at = heapq.heappop(heap)
-        starts = _starts(state.sizes)
-        if boundary not in starts[1:]:
-            continue  # merged away already
-        g = starts.index(boundary) - 1
-        candidate = _merged(state.sizes, g)
-        if measured_at == step and boundary in runs:  # measured on the current plan and still the best
-            state.accept(candidate, state.cost + rise, runs[boundary], f"merge layer {boundary} into group {starts[g]}")
-            step, runs = step + 1, {}
-            if bar:
-                bar.update(1)
-            continue
-        cost, runs[boundary] = state.measure(candidate, starts[g])
-        heapq.heappush(heap, (cost - state.cost, boundary, step))
-    if bar:
-        bar.close()
-
-    # 2. boundary moves on the whole plan
-    for round_ in range(refine_rounds):
-        improved = False
-        g = 0
-        while g < len(state.sizes) - 1:
-            sizes, first = state.sizes, _starts(state.sizes)[g]
-            moves = []
-            if sizes[g + 1] > 1:
-                moves.append((sizes[:g] + [sizes[g] + 1, sizes[g + 1] - 1] + sizes[g + 2 :], "back"))
-            if sizes[g] > 1:
-                moves.append((sizes[:g] + [sizes[g] - 1, sizes[g + 1] + 1] + sizes[g + 2 :], "forward"))
-            for candidate, direction in moves:
-                cost, run = state.measure(candidate, first)
-                if cost < state.cost - 1e-6:
-                    layer = first + sizes[g] if direction == "back" else first + sizes[g] - 1
-                    state.accept(candidate, cost, run, f"move layer {layer} {direction} (round {round_ + 1})")
-                    improved = True
-                    break
-            g += 1
-        if not improved:
-            break
+    _merge_greedily(state, producers)
+    _move_boundaries(state, refine_rounds)
     kv_sources = from_groups(state.sizes)
     return {"kv_sources": kv_sources, "plan": describe(kv_sources), "producers": producers, "metric": metric,
             "cost": state.cost, "evaluations": state.evaluations, "steps": state.steps,
@@ -293,12 +299,3 @@ class Searcher:
         result = search(reference, producers, self.metric, progress=self.progress)
         return {**result, "search_tokens": tokens.numel()}
 
-
-def _bar(items, progress: bool, desc: str, total: int | None = None):
-    """A tqdm bar over items (or a bare one of `total` steps when items is None); without progress: the items
-    (or None)."""
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)

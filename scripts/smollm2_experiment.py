@@ -8,7 +8,7 @@
     python scripts/smollm2_experiment.py report                # the tables, from runs/smollm2/results.json
 
 Perplexity "ppl" below is the issue's protocol: the first 2,048 tokens of WikiText-2 test (raw) as two
-windows of 1,024 tokens, no BOS, 2 x 1,023 tokens scored (the original model: 20.29). Calibration text
+windows of 1,024 tokens, no BOS, 2 x 1,023 tokens scored. Calibration text
 is the Gutenberg train books (never WikiText-2 test). Every command run is recorded with its wall
 time in results.json; `--lock FILE` holds an exclusive flock around each step (never more than one
 conversion, one training run or one evaluation), so other jobs interleave on a shared CPU.
@@ -162,7 +162,7 @@ def plans_for(budget: str) -> dict[str, list[int]]:
 
 def _sources(plan: str) -> list[int]:
     """kv_sources of a plan written like `[0] [1-3] [4]`."""
-    from crosslayer.plan import from_groups
+    from crosslayer.config import from_groups
 
     sizes = []
     for part in plan.split():
@@ -176,7 +176,8 @@ def matrix(lock: str | None, budgets: list[str]) -> None:
     plan x init before any training, in one process (the GGUF loaded once)."""
     import torch
 
-    from crosslayer.convert import Calibration, dense_copy, read_calibration, sharing_config
+    from crosslayer.calibration import Calibration, read_calibration
+    from crosslayer.convert import dense_copy, share_kv, sharing_config
     from crosslayer.loading import load_model
     from crosslayer.plan import SEARCH_TOKENS, Reference, search
 
@@ -207,7 +208,7 @@ def matrix(lock: str | None, budgets: list[str]) -> None:
         for budget, name, init in todo:
             kv_sources = plans_for(budget)[name]
             config = sharing_config(dense.config, kv_sources)
-            value = ppl(calibration.model(config, init), ids)
+            value = ppl(share_kv(dense, config, init, calibration), ids)
             rows[f"{budget}|{name}|{init}"] = {"ppl": value, "kv_sources": kv_sources,
                                                "producers": config.num_producer_layers,
                                                "kv_bytes": config.kv_bytes_per_token()}

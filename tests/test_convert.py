@@ -18,6 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError
 from crosslayer.__main__ import main
+from crosslayer.calibration import FIT_RIDGE
 from crosslayer.config import ROPE_TYPES
 from crosslayer.convert import from_hf, target_config
 
@@ -490,8 +491,6 @@ def reference_fit(source, calibration, members, ridge, offsets):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fit_is_the_weighted_least_squares_fit_of_the_sources_activations(family):
-    from crosslayer.convert import FIT_RIDGE
-
     source = tiny(family, num_hidden_layers=5, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=48)
     calibration = torch.randint(0, 257, (4, 24))

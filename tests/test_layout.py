@@ -11,11 +11,11 @@ PACKAGE = REPO / "crosslayer"
 LAYERS = [
     {"errors", "device"},  # device: devices, dtype tables, sync: the ground floor every layer may import
     {"recipe"},
-    {"config", "quant"},  # quant: 8-bit K/V and the producers-only QuantizedCache modeling's generate builds
+    {"config", "quant", "cpu_decode"},  # quant: 8-bit K/V and the producers-only QuantizedCache modeling's generate builds
     {"modeling", ""},  # "" is the package root: importing it registers the model classes
-    {"kv", "decode", "checkpoint"},
+    {"kv", "decode", "checkpoint", "losses", "teacher_cache"},
     {"loading"},  # any model source, its tokenizer and config; the trainer's init model and teacher
-    {"convert", "data", "generate"},
+    {"convert", "calibration", "data", "generate"},
     {"recover", "plan"},
     {"train"},
     {"eval", "bench", "sweep", "plot", "quickstart", "serving"},

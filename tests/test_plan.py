@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from crosslayer import CrossLayerError
-from crosslayer.convert import Calibration, describe, from_hf, read_calibration, read_plan
-from crosslayer.plan import Reference, Searcher, from_groups, producers_for_budget, search
+from crosslayer.calibration import Calibration, read_calibration
+from crosslayer.config import describe, from_groups
+from crosslayer.convert import from_hf, read_plan
+from crosslayer.plan import Reference, Searcher, producers_for_budget, search
 
 from .conftest import DATA
 from .test_convert import tiny_llama

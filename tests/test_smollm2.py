@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from crosslayer.__main__ import main
-from crosslayer.convert import FIT_RIDGE, from_hf, load_source, read_calibration
+from crosslayer.calibration import FIT_RIDGE, read_calibration
+from crosslayer.convert import from_hf, load_source
 from crosslayer.loading import load_tokenizer
 from crosslayer.plan import Reference, search
 

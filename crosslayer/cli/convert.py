@@ -21,8 +21,9 @@ _fraction.type_name = "number in (0, 1]"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
     from ..config import CLA_PATTERNS
-    from ..convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, KV_INITS
+    from ..convert import KV_INITS
     from ..device import DTYPE_CHOICES
     from ..plan import METRICS, SEARCH_TOKENS
 

@@ -1,0 +1,279 @@
+"""Calibration: what a conversion measures on text before it shares K/V.
+
+`read_calibration` turns calibration text (text files, or a folder made by `crosslayer prepare`) into
+token ids. `Calibration` holds the dense model's activations on them, computed once, layer by layer:
+each layer's input hidden state, its original K and V (before rotary), and the weights of a K/V
+error (what the layer's queries see of a key error, what its o_proj passes on of a value error).
+From those, `Calibration.fit` solves the weighted least-squares K/V map of a sharing group
+(`least_squares_kv`), the `fit` initialisation of convert.share_kv, and `Calibration.run_layers` runs
+a sharing plan's model on the calibration tokens from any layer on (crosslayer.plan measures plans
+that way). `progress_bar` is the progress bar of calibration and plan search.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from .config import describe
+from .data import load_tokens, read_meta
+from .errors import CrossLayerError
+from .loading import tokenizer_fingerprint
+from .modeling import CLAForCausalLM, SharedKV, rotate_half
+
+CALIBRATION_TOKENS = 2048  # default calibration size (4 sequences)
+CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence
+FIT_RIDGE = 1e-4  # least-squares fit: ridge as a fraction of the mean diagonal of X^T X
+
+
+def progress_bar(items, progress: bool, desc: str, total: int | None = None):
+    """A tqdm bar over items (or a bare one of `total` steps when items is None); without progress: the items
+    (or None)."""
+    if not progress:
+        return items
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration tokens
+
+
+def read_calibration(data: str, tokenizer, tokens: int = CALIBRATION_TOKENS,
+                     seq_len: int = CALIBRATION_SEQ_LEN) -> torch.Tensor:
+    """(tokens // seq_len, seq_len) token ids from `data`: a text file or glob, or a folder made by
+    `crosslayer prepare` with this tokenizer (its train split).
+
+    The sequences are disjoint and taken from evenly spaced places across the whole text (in long
+    text each from the start of a line), so a few thousand tokens still cover many books; deterministic.
+    """
+    if tokens < seq_len:
+        raise CrossLayerError(f"calibration: {tokens} tokens is less than one sequence of {seq_len}")
+    n = tokens // seq_len
+    folder = Path(data)
+    if folder.is_dir() and (folder / "meta.json").exists():
+        meta = read_meta(folder)
+        if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
+            raise CrossLayerError(f"calibration: {data} was tokenised with another tokenizer ({meta['tokenizer']}); "
+                                  "give text files, or a folder prepared with the model's tokenizer")
+        stream = load_tokens(folder, "train")
+        if len(stream) < n * seq_len:
+            raise CrossLayerError(f"calibration: {data} holds {len(stream):,} train tokens; {n * seq_len:,} needed")
+        starts = np.linspace(0, len(stream) - seq_len, n).astype(np.int64)
+        return torch.from_numpy(np.stack([np.asarray(stream[s : s + seq_len], dtype=np.int64) for s in starts]))
+    files = sorted(glob.glob(data, recursive=True))
+    if not files:
+        raise CrossLayerError(f"calibration: no file matches {data!r} (give a text file or glob, or a prepared folder)")
+    try:
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise CrossLayerError(f"calibration: {data}: not UTF-8 text files ({e})") from None
+    span = seq_len * 16  # characters tokenised per sequence: enough for seq_len tokens of any text
+    if len(text) <= n * span:  # short text: tokenise it all, take n disjoint windows
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < n * seq_len:
+            raise CrossLayerError(f"calibration: {data} gives {len(ids):,} tokens; {n} sequences of {seq_len} need "
+                                  f"{n * seq_len:,} (give more text or fewer tokens)")
+        starts = np.linspace(0, len(ids) - seq_len, n).astype(np.int64)
+        return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
+    rows = []  # long text: tokenise n disjoint slices, each from the start of a line
+    for offset in np.linspace(0, len(text) - span, n).astype(np.int64):
+        begin = text.find("\n", int(offset)) + 1 if offset else 0
+        ids = tokenizer(text[begin : begin + span], add_special_tokens=False)["input_ids"]
+        if len(ids) < seq_len:
+            raise CrossLayerError(f"calibration: {data} has a stretch of {span:,} characters that gives fewer than "
+                                  f"{seq_len} tokens; is it text?")
+        rows.append(ids[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# The weighted least-squares fit of a group's K/V map
+
+
+def least_squares_kv(gram: torch.Tensor, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor],
+                     metric_k: list[torch.Tensor] | None = None, metric_v: list[torch.Tensor] | None = None,
+                     bias: bool = False, ridge: float = FIT_RIDGE) -> dict[str, torch.Tensor]:
+    """The K/V map of a producer that best reproduces each group member's original K and V, weighted.
+
+    With X (N, d') the producer's normalised inputs (a column of ones appended when `bias`) and K_j
+    (N, kv) member j's original keys, minimises sum_j tr((X W^T - K_j) M_j (X W^T - K_j)^T) over W,
+    likewise for values, from sufficient statistics: gram = X^T X (d', d'), cross_k[j] = X^T K_j
+    (d', kv), metric_k[j] = M_j (kv, kv; None: the identity, which fits the members' mean K). The
+    solution is W^T = (X^T X + ridge * mean(diag) * I)^-1 (sum_j X^T K_j M_j) (sum_j M_j)^-1, in float64.
+    Returns k/v weights (kv, d) (and biases), and a KV-input norm of ones.
+    """
+    d = gram.shape[0]
+    reg = ridge * gram.diagonal().mean() * torch.eye(d, dtype=torch.float64, device=gram.device)
+    if bias:
+        reg[-1, -1] = 0  # the intercept is not shrunk
+    system = gram.double() + reg
+    hidden = d - 1 if bias else d
+    out = {"kv_layernorm.weight": torch.ones(hidden, device=gram.device)}
+    for name, cross, metric in (("k_proj", cross_k, metric_k), ("v_proj", cross_v, metric_v)):
+        if metric is None:
+            rhs, weight = torch.stack(cross).double().mean(0), None  # (d', kv)
+        else:
+            rhs = sum(c.double() @ m.double() for c, m in zip(cross, metric, strict=True))  # (d', kv)
+            weight = sum(m.double() for m in metric)  # (kv, kv)
+        w_t = torch.linalg.solve(system, rhs)  # (d', kv)
+        if weight is not None:
+            w_t = torch.linalg.solve(weight, w_t.T).T  # right-multiply by weight^-1 (weight is symmetric)
+        w = w_t.T.float()  # (kv, d')
+        out[f"{name}.weight"] = w[:, :hidden].contiguous()
+        if bias:
+            out[f"{name}.bias"] = w[:, -1].contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The dense model's activations, and plans run on them
+
+
+@dataclass
+class Run:
+    """A plan run on the calibration tokens from some layer on."""
+
+    final: list[torch.Tensor]  # per chunk, the last layer's output (b, T, d)
+    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> its input, when kept
+
+
+class Calibration:
+    """The dense model's activations on calibration tokens (B, T), computed once, layer by layer: each
+    layer's input hidden state (to run plans from any layer) and its original K and V (before rotary;
+    the targets of the `fit` initialisation), with the weights of the fit's errors.
+    """
+
+    def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4,
+                 progress: bool = False) -> None:
+        if dense.config.num_producer_layers != dense.config.num_hidden_layers:
+            raise CrossLayerError("calibration needs the dense model (every layer its own producer)")
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise CrossLayerError(f"calibration tokens must be a (B, T) tensor with T >= 2, got shape {tuple(tokens.shape)}")
+        self.dense = dense.eval()
+        self.config = dense.config
+        device = dense.model.embed_tokens.weight.device
+        self.chunks = list(tokens.to(device).split(batch_size))  # each (b, T)
+        self.tokens = tokens
+        self.num_tokens = tokens.numel()
+        self.contexts = [self._context(c) for c in self.chunks]
+        self.keys: list[torch.Tensor] = []  # per layer (N, kv_heads * head_dim), N = B * T
+        self.values: list[torch.Tensor] = []
+        self.key_metrics: list[torch.Tensor] = []  # per layer (kv, kv): what its queries see of a key error
+        self.value_metrics: list[torch.Tensor] = []  # per layer (kv, kv): what its o_proj passes of a value error
+        self.hidden: list[list[torch.Tensor]] = []  # per layer, per chunk (b, T, d); [L]: the last output
+        self._fits: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # group -> its fitted K/V map
+        layers = self.dense.model.layers
+        rotations = self._rotations(tokens.shape[1])
+        with torch.no_grad():
+            h = [self.dense.model.embed_tokens(c) for c in self.chunks]  # per chunk (b, T, d)
+            for layer in progress_bar(layers, progress, "calibration"):
+                self.hidden.append(h)
+                k, v = zip(*(self._kv(layer, x) for x in h), strict=True)
+                self.keys.append(torch.cat(k).float())
+                self.values.append(torch.cat(v).float())
+                self.key_metrics.append(self._key_metric(layer, h, rotations))
+                self.value_metrics.append(self._value_metric(layer))
+                h = [self._layer(layer, x, ctx, SharedKV()) for x, ctx in zip(h, self.contexts, strict=True)]
+            self.hidden.append(h)
+
+    # -- pieces of the forward pass ----------------------------------------------------------
+
+    def _context(self, chunk: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+        """(attention mask, rotary cos/sin) of a chunk of sequences, as CLAModel.forward builds them."""
+        embeds = self.dense.model.embed_tokens.weight[:1].expand(*chunk.shape, -1)  # (b, T, d), shape only
+        position_ids = torch.arange(chunk.shape[1], device=chunk.device).unsqueeze(0)  # (1, T)
+        mask = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                                  position_ids=position_ids)
+        return mask, self.dense.model.rotary_emb(embeds, position_ids)
+
+    def _rotations(self, seq_len: int, samples: int = 64) -> torch.Tensor:
+        """Rotary matrices R_d (samples, hd, hd) for offsets d spread over 0..seq_len-1: a row vector x at
+        offset d rotates to x @ R_d."""
+        offsets = torch.linspace(0, seq_len - 1, samples).round().long().unsqueeze(0)  # (1, samples)
+        eye = torch.eye(self.config.head_dim, device=offsets.device)
+        with torch.no_grad():
+            cos, sin = self.dense.model.rotary_emb(eye, offsets)  # (1, samples, hd) each
+        cos, sin = cos[0].float(), sin[0].float()
+        return eye * cos[:, None, :] + rotate_half(eye) * sin[:, None, :]  # (samples, hd, hd)
+
+    def _key_metric(self, layer: torch.nn.Module, h: list[torch.Tensor], rotations: torch.Tensor) -> torch.Tensor:
+        """(kv, kv) block-diagonal: per K/V head, E[R_d^T q q^T R_d] over the layer's queries q of its
+        query heads on that K/V head (before rotary) and offsets d, so e M e^T is the mean squared
+        attention-score error a key error e causes (the rotation at each offset taken into account)."""
+        n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
+        group = self.config.num_attention_heads // n_kv
+        m = torch.zeros(n_kv, hd, hd, dtype=torch.float64)
+        for x in h:
+            q = layer.self_attn.q_proj(layer.input_layernorm(x)).view(-1, n_kv, group, hd).double()  # (bT, kv, g, hd)
+            m += torch.einsum("nkgi,nkgj->kij", q, q)
+        m /= self.num_tokens
+        r = rotations.double()  # (S, hd, hd)
+        rotated = torch.einsum("sji,kjl,slm->kim", r, m, r) / r.shape[0]  # mean over s of R_s^T m R_s
+        return torch.block_diag(*rotated).float()
+
+    def _value_metric(self, layer: torch.nn.Module) -> torch.Tensor:
+        """(kv, kv) block-diagonal: per K/V head, sum over its query heads h of O_h^T O_h, O_h (d, hd) the
+        columns of o_proj that read head h, so e M e^T is the squared output error a value error e causes."""
+        n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
+        o = layer.self_attn.o_proj.weight.detach().double().view(-1, n_kv, self.config.num_attention_heads // n_kv, hd)
+        return torch.block_diag(*torch.einsum("dkgi,dkgj->kij", o, o)).float()  # (d, kv, g, hd) -> (kv, kv)
+
+    @staticmethod
+    def _kv(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dense layer's own K and V (before rotary) of its input x (b, T, d), as (b*T, kv) each."""
+        kv_input = layer.kv_layernorm.weight * layer.input_layernorm.normalize(x)
+        return layer.self_attn.k_proj(kv_input).flatten(0, 1), layer.self_attn.v_proj(kv_input).flatten(0, 1)
+
+    @staticmethod
+    def _layer(layer: torch.nn.Module, x: torch.Tensor, context, shared: SharedKV) -> torch.Tensor:
+        mask, position_embeddings = context
+        return layer(x, attention_mask=mask, position_embeddings=position_embeddings, shared_kv=shared)
+
+    # -- a group's fitted K/V map, and a plan's run ---------------------------------------------
+
+    def fit(self, members: list[int]) -> dict[str, torch.Tensor]:
+        """The K/V map of a producer whose group is `members`: least squares from the producer's original
+        input to each member's original K and V, key errors weighted by what the member's queries see
+        of them, value errors by what its o_proj passes on (`least_squares_kv`). Depends on the group
+        only, so it is computed once per group."""
+        key = tuple(members)
+        if key not in self._fits:
+            norm = self.dense.model.layers[members[0]].input_layernorm
+            inputs = torch.cat([norm.normalize(c).flatten(0, 1) for c in self.hidden[members[0]]]).double()  # (N, d)
+            bias = self.dense.model.layers[members[0]].self_attn.k_proj.bias is not None
+            if bias:
+                inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], 1)  # (N, d+1): the intercept
+            self._fits[key] = least_squares_kv(
+                inputs.T @ inputs, [inputs.T @ self.keys[j].double() for j in members],
+                [inputs.T @ self.values[j].double() for j in members], [self.key_metrics[j] for j in members],
+                [self.value_metrics[j] for j in members], bias)
+        return self._fits[key]
+
+    def run_layers(self, model: CLAForCausalLM, start: int = 0, hidden: list[torch.Tensor] | None = None,
+                   keep_hidden: bool = False) -> Run:
+        """Run `model` (a sharing plan of the dense model, e.g. convert.share_kv's) on the calibration tokens
+        from layer `start` on, given `hidden` there (default: the original input of layer `start`). No
+        layer from `start` on may read the K/V of a layer before it."""
+        kv_sources = model.config.kv_sources
+        if any(src < start <= layer for layer, src in enumerate(kv_sources)):
+            raise CrossLayerError(f"cannot run plan {describe(kv_sources)} from layer {start}: a group crosses it")
+        if hidden is None:
+            hidden = self.hidden[start]
+        out = Run(final=[])
+        shared = [SharedKV() for _ in self.chunks]
+        h = hidden
+        with torch.no_grad():
+            for i in range(start, len(kv_sources)):
+                if keep_hidden:
+                    out.hidden[i] = h
+                layer = model.model.layers[i]
+                h = [self._layer(layer, x, ctx, s) for x, ctx, s in zip(h, self.contexts, shared, strict=True)]
+        out.final = h
+        return out
