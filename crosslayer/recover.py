@@ -29,6 +29,8 @@ from .modeling import SharedKV
 
 TRAINABLE = ("all", "kv", "kv+qo")
 OBJECTIVES = ("lm", "logits", "attention")
+# a training objective: loss(model, batch of (B, T+1) token ids) -> a scalar to minimise
+Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def shared_groups(config) -> dict[int, list[int]]:
@@ -68,7 +70,7 @@ def select_trainable(model: nn.Module, which: str) -> None:
         param.requires_grad_(name in chosen)
 
 
-def logit_distillation(teacher: nn.Module, temperature: float = 1.0) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+def logit_distillation(teacher: nn.Module, temperature: float = 1.0) -> Objective:
     """loss(student, batch) = KL(teacher || student) of the next-token distributions, x temperature^2."""
 
     def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ def teacher_attention(teacher: nn.Module, inputs: torch.Tensor, layers: list[int
     return {i: (inputs_at[i], outputs_at[i]) for i in layers}
 
 
-def attention_distillation(teacher: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+def attention_distillation(teacher: nn.Module) -> Objective:
     """loss(student, batch): layer-local distillation of the attention of every layer that shares K/V
     (module docstring). The student runs group by group, each producer first, on the teacher's hidden
     states; the loss is the mean over those layers of |a_student - a_teacher|^2 / |a_teacher|^2."""
@@ -151,7 +153,7 @@ def attention_distillation(teacher: nn.Module) -> Callable[[nn.Module, torch.Ten
     return loss
 
 
-def build_objective(name: str, teacher: nn.Module | None, cfg) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+def build_objective(name: str, teacher: nn.Module | None, cfg) -> Objective:
     """The training loss of a recipe's `objective` (not `lm`, which the trainer computes itself)."""
     if name == "logits":
         return logit_distillation(teacher, cfg.distill_temperature)

@@ -44,6 +44,8 @@ from .checkpoint import list_checkpoints
 from .config import load_config
 from .data import read_meta
 from .errors import CrossLayerError, TrainingDiverged
+from .eval.perplexity import perplexity
+from .loading import load_model
 from .plot import best_lr_of, lr_scores
 from .recipe import read_yaml
 from .train import TrainConfig, build_model_config, diverged_marker, train
@@ -117,6 +119,18 @@ def load_sweep(path: str | Path, out: str | None = None, check_data: bool = True
     out = out or raw.get("out")
     if not out:
         raise CrossLayerError(f"{path}: give `out` (the sweep folder) or --out")
+    models = _models(raw)
+    train_keys = _train_keys(raw, models[0], out)
+    wikitext = _wikitext_settings(raw.get("wikitext"))
+    launcher = raw.get("launcher")
+    if launcher is not None and (not isinstance(launcher, str) or not launcher.strip()):
+        raise CrossLayerError(f"launcher: expected a command such as 'torchrun --standalone --nproc_per_node 2', "
+                              f"got {launcher!r}")
+    return Sweep(str(raw["data"]), str(out), models, train_keys, wikitext, launcher)
+
+
+def _models(raw: dict[str, Any]) -> list[ModelSpec]:
+    """The `models` list, each with its grid (its own lrs/seeds or the top-level ones) and a checked config."""
     defaults = {k: _number_list(k, raw[k], float if k == "lrs" else int) for k in GRID_KEYS if k in raw}
     defaults.setdefault("seeds", [0])
     defaults.setdefault("best_lr_seeds", [])
@@ -125,35 +139,41 @@ def load_sweep(path: str | Path, out: str | None = None, check_data: bool = True
         raise CrossLayerError(f"model_defaults: expected a mapping of config fields, got {model_defaults!r}")
     if not isinstance(raw["models"], list):
         raise CrossLayerError("models: expected a list of preset names or mappings")
-    models = []
-    for i, entry in enumerate(raw["models"]):
-        where = f"models[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict):
-            raise CrossLayerError(f"{where}: expected a preset name or a mapping, got {entry!r}")
-        entry = dict(entry)
-        name = entry.pop("name", None) or entry.get("preset")
-        if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-            raise CrossLayerError(f"{where}: give a `name` (no spaces or slashes), got {name!r}")
-        grid = {k: _number_list(f"{where}.{k}", entry.pop(k), float if k == "lrs" else int)
-                for k in GRID_KEYS if k in entry}
-        grid = {**defaults, **grid}
-        if "lrs" not in grid:
-            raise CrossLayerError(f"{where} ({name}): no learning rates; give `lrs` at the top or in the model")
-        fields = {**model_defaults, **entry}
-        if "preset" not in fields and "hidden_size" not in fields:
-            fields["preset"] = name  # the name is a preset name, model_defaults adjust it
-        try:
-            load_config(dict(fields))
-        except CrossLayerError as e:
-            raise CrossLayerError(f"{where} ({name}): {e}") from None
-        except TypeError as e:
-            raise CrossLayerError(f"{where} ({name}): {e}") from None
-        models.append(ModelSpec(name, fields, grid["lrs"], grid["seeds"], grid["best_lr_seeds"]))
+    models = [_model_spec(f"models[{i}]", entry, defaults, model_defaults) for i, entry in enumerate(raw["models"])]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise CrossLayerError(f"models: names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+    return models
+
+
+def _model_spec(where: str, entry: Any, defaults: dict[str, list], model_defaults: dict[str, Any]) -> ModelSpec:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        raise CrossLayerError(f"{where}: expected a preset name or a mapping, got {entry!r}")
+    entry = dict(entry)
+    name = entry.pop("name", None) or entry.get("preset")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        raise CrossLayerError(f"{where}: give a `name` (no spaces or slashes), got {name!r}")
+    grid = {k: _number_list(f"{where}.{k}", entry.pop(k), float if k == "lrs" else int)
+            for k in GRID_KEYS if k in entry}
+    grid = {**defaults, **grid}
+    if "lrs" not in grid:
+        raise CrossLayerError(f"{where} ({name}): no learning rates; give `lrs` at the top or in the model")
+    fields = {**model_defaults, **entry}
+    if "preset" not in fields and "hidden_size" not in fields:
+        fields["preset"] = name  # the name is a preset name, model_defaults adjust it
+    try:
+        load_config(dict(fields))
+    except CrossLayerError as e:
+        raise CrossLayerError(f"{where} ({name}): {e}") from None
+    except TypeError as e:
+        raise CrossLayerError(f"{where} ({name}): {e}") from None
+    return ModelSpec(name, fields, grid["lrs"], grid["seeds"], grid["best_lr_seeds"])
+
+
+def _train_keys(raw: dict[str, Any], first: ModelSpec, out: str) -> dict[str, Any]:
+    """The `train` mapping, checked now (every key and type) as the first run's recipe, not an hour into the sweep."""
     train_keys = raw.get("train") or {}
     if not isinstance(train_keys, dict):
         raise CrossLayerError(f"train: expected a mapping of training keys, got {train_keys!r}")
@@ -161,32 +181,32 @@ def load_sweep(path: str | Path, out: str | None = None, check_data: bool = True
     if owned:
         raise CrossLayerError(f"train: {', '.join(sorted(owned))} cannot be set here; the sweep sets "
                               f"{', '.join(GRID_OWNED)} for each run (data at the top, lrs/seeds as lists)")
-    try:  # checks every training key and type now, not an hour into the sweep
-        TrainConfig.from_dict({**train_keys, "model": models[0].spec, "data": raw["data"], "out": out,
-                               "lr": models[0].lrs[0]})
+    try:
+        TrainConfig.from_dict({**train_keys, "model": first.spec, "data": raw["data"], "out": out, "lr": first.lrs[0]})
     except CrossLayerError as e:
         raise CrossLayerError(f"train: {e}") from None
-    wikitext = raw.get("wikitext")
-    if wikitext is not None:
-        if isinstance(wikitext, str):
-            wikitext = {"path": wikitext}
-        if not isinstance(wikitext, dict) or "path" not in wikitext:
-            raise CrossLayerError("wikitext: expected a path or a mapping with `path` (and context, stride, "
-                                  "batch_size, max_bytes)")
-        bad = set(wikitext) - set(WIKITEXT_KEYS)
-        if bad:
-            raise CrossLayerError(f"wikitext: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(WIKITEXT_KEYS)}")
-        if not Path(wikitext["path"]).is_file():
-            raise CrossLayerError(f"wikitext.path: no such file {wikitext['path']!r}")
-        for k in ("context", "stride", "batch_size", "max_bytes"):
-            v = wikitext.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise CrossLayerError(f"wikitext.{k}: expected a positive integer, got {v!r}")
-    launcher = raw.get("launcher")
-    if launcher is not None and (not isinstance(launcher, str) or not launcher.strip()):
-        raise CrossLayerError(f"launcher: expected a command such as 'torchrun --standalone --nproc_per_node 2', "
-                              f"got {launcher!r}")
-    return Sweep(str(raw["data"]), str(out), models, dict(train_keys), wikitext, launcher)
+    return dict(train_keys)
+
+
+def _wikitext_settings(wikitext: Any) -> dict[str, Any] | None:
+    """The `wikitext` entry (a path, or a mapping of WIKITEXT_KEYS) as a checked mapping; None if absent."""
+    if wikitext is None:
+        return None
+    if isinstance(wikitext, str):
+        wikitext = {"path": wikitext}
+    if not isinstance(wikitext, dict) or "path" not in wikitext:
+        raise CrossLayerError("wikitext: expected a path or a mapping with `path` (and context, stride, "
+                              "batch_size, max_bytes)")
+    bad = set(wikitext) - set(WIKITEXT_KEYS)
+    if bad:
+        raise CrossLayerError(f"wikitext: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(WIKITEXT_KEYS)}")
+    if not Path(wikitext["path"]).is_file():
+        raise CrossLayerError(f"wikitext.path: no such file {wikitext['path']!r}")
+    for k in ("context", "stride", "batch_size", "max_bytes"):
+        v = wikitext.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise CrossLayerError(f"wikitext.{k}: expected a positive integer, got {v!r}")
+    return wikitext
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,17 +326,7 @@ def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path
         "wikitext_ppl": None, "wikitext_bits_per_byte": None, "diverged": diverged,
     }
     if wikitext is not None and not diverged:
-        from .eval.perplexity import perplexity
-        from .loading import load_model
-
-        lm, tok = load_model(run_dir, "auto", "auto")
-        if record["parameters"] is None:
-            record["parameters"] = sum(p.numel() for p in lm.parameters())
-        w = sweep.wikitext
-        result = perplexity(lm, tok, str(wikitext), w.get("context", cfg.seq_len), w.get("stride"),
-                            w.get("batch_size", 8), progress=False)
-        record.update(wikitext_ppl=result["perplexity"], wikitext_bits_per_byte=result.get("bits_per_byte"),
-                      wikitext_tokens=result["tokens_scored"], wikitext_file=str(wikitext))
+        record.update(_wikitext_scores(run_dir, wikitext, sweep.wikitext, cfg.seq_len, record["parameters"]))
     if record["parameters"] is None:
         record["parameters"] = config.num_parameters()
     record.update(wall_s=round(time.perf_counter() - start, 1), resumed_from_step=resumed)
@@ -325,6 +335,17 @@ def run_one(sweep: Sweep, model: ModelSpec, lr: float, seed: int, wikitext: Path
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, run_dir / "record.json")
     return record
+
+
+def _wikitext_scores(run_dir: Path, wikitext: Path, settings: dict[str, Any], seq_len: int,
+                     parameters: int | None) -> dict[str, Any]:
+    """The record's wikitext fields: the run's saved model scored on the text (and its parameters, if unknown)."""
+    lm, tok = load_model(run_dir, "auto", "auto")
+    result = perplexity(lm, tok, str(wikitext), settings.get("context", seq_len), settings.get("stride"),
+                        settings.get("batch_size", 8), progress=False)
+    return {"parameters": parameters if parameters is not None else sum(p.numel() for p in lm.parameters()),
+            "wikitext_ppl": result["perplexity"], "wikitext_bits_per_byte": result.get("bits_per_byte"),
+            "wikitext_tokens": result["tokens_scored"], "wikitext_file": str(wikitext)}
 
 
 def write_results(sweep: Sweep) -> list[dict]:

@@ -17,6 +17,7 @@ from crosslayer import train as train_mod
 from crosslayer.checkpoint import list_checkpoints, load_step_checkpoint_model
 from crosslayer.data import prepare
 from crosslayer.train import TrainConfig, load_train_config, lr_at, train
+from crosslayer.train import objective as objective_mod
 
 from .conftest import REPO
 
@@ -160,7 +161,7 @@ main(["train", {str(path)!r}, "--out", {str(run)!r}])
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ptb, monkeypatch):
     cfg = load_train_config(recipe(tmp_path, ptb))
-    real = train_mod.causal_lm_loss
+    real = objective_mod.causal_lm_loss
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -168,7 +169,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pt
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] > 4 * 4 else loss  # 4 micro-batches a step: NaN at step 5
 
-    monkeypatch.setattr(train_mod, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(objective_mod, "causal_lm_loss", poisoned)  # the training objective and validation
     with pytest.raises(CrossLayerError, match=r"loss is nan at step 5.*step_00000003"):
         train(cfg)
     run = Path(cfg.out)

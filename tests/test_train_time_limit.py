@@ -5,16 +5,15 @@ import json
 import pytest
 
 from crosslayer import CrossLayerError
-from crosslayer import train as train_mod
 from crosslayer.checkpoint import list_checkpoints
-from crosslayer.train import load_train_config, train
+from crosslayer.train import load_train_config, loop, train
 
 from .test_train import ptb, recipe  # noqa: F401  (the module's prepared Penn Treebank)
 
 
 def test_max_minutes_stops_the_launch_saved_and_validated_and_a_resume_finishes(tmp_path, ptb, monkeypatch):  # noqa: F811
     clock = iter(range(0, 10_000, 30))  # every perf_counter call advances 30 s: each step takes >= 30 s
-    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
     cfg = load_train_config(recipe(tmp_path, ptb, max_steps=8, eval_every=100, checkpoint_every=100,
                                    max_minutes=1.5))
     summary = train(cfg)

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import LlamaForCausalLM
 
 from ..config import CLAConfig, to_llama_config
+from ..data import FORMAT_VERSION, token_dtype
 from ..device import device_name, sync
 from ..errors import CrossLayerError
 from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
@@ -57,8 +59,6 @@ def flops_per_token(config: CLAConfig, seq_len: int) -> float:
 
 def _synthetic_dataset(folder: Path, vocab: int, tokens: int, seed: int = 0) -> None:
     """A prepared-dataset folder of random ids, so `Trainer` runs unchanged."""
-    from ..data import FORMAT_VERSION, token_dtype
-
     rng = np.random.default_rng(seed)
     dtype = token_dtype(vocab)
     for split, n in (("train", tokens), ("val", 4096)):
@@ -98,8 +98,6 @@ def ours_step(preset: str, data: Path, args, device: torch.device):
 
 def hf_llama_step(preset: str, args, device: torch.device):
     """(step function, config): one optimizer step of a plain loop over transformers' Llama."""
-    from transformers import LlamaForCausalLM
-
     ours = CLAConfig.from_preset(preset)
     if ours.num_producer_layers != ours.num_hidden_layers:
         raise CrossLayerError(f"the transformers baseline needs a CLA1 shape, {preset} shares K/V")

@@ -1,0 +1,235 @@
+"""One optimizer step, and what it needs: this process's device and precision, the model, the data order.
+
+The model is written for one device; data parallelism (DDP or FSDP2 `fully_shard`), mixed precision
+and `torch.compile` are applied here, from outside, in that order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from ..config import CLAConfig, load_config
+from ..data import load_tokens, read_meta
+from ..device import pick_device, pick_dtype
+from ..errors import CrossLayerError
+from ..loading import copy_tokenizer_files, load_init_model, load_teacher
+from ..modeling import CLADecoderLayer, CLAForCausalLM
+from ..recover import select_trainable
+from .config import TrainConfig
+from .objective import training_objective
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup to the peak, then cosine to min_lr_ratio x peak at the last step."""
+    warmup = int(cfg.warmup_frac * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+class SequenceOrder:
+    """Non-overlapping windows of seq_len+1 tokens, shuffled anew each epoch, indexed globally."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.chunks = (len(tokens) - 1) // seq_len
+        if self.chunks < 1:
+            raise CrossLayerError(f"the training split ({len(tokens)} tokens) is shorter than one sequence")
+        self._epoch, self._perm = -1, None
+
+    def batch(self, indices: range) -> torch.Tensor:
+        rows = []
+        for g in indices:
+            epoch, pos = divmod(g, self.chunks)
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
+            start = int(self._perm[pos]) * self.seq_len
+            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        return torch.from_numpy(np.stack(rows))  # (B, T+1)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, local rank, world size) of this process, as torchrun sets them (0, 0, 1 without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _process_device(name: str, local_rank: int) -> torch.device:
+    """`pick_device`'s device, where a bare `cuda` (auto included) means this process's own GPU, LOCAL_RANK."""
+    device = pick_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model_config(cfg: TrainConfig, meta: dict) -> CLAConfig:
+    """The model's config from the recipe, sized to the dataset's vocabulary."""
+    spec = cfg.model
+    explicit_vocab = isinstance(spec, dict) and "vocab_size" in spec
+    config = load_config(spec, attn_implementation=cfg.attn_implementation)
+    if not explicit_vocab:
+        config.vocab_size = -(-meta["vocab_size"] // 64) * 64  # round up: friendlier matmul shapes
+    if config.vocab_size < meta["vocab_size"]:
+        raise CrossLayerError(f"model vocab_size {config.vocab_size} < the dataset's vocabulary {meta['vocab_size']}")
+    config.max_position_embeddings = max(config.max_position_embeddings, cfg.seq_len)
+    config.eos_token_id = meta.get("eos_token_id")
+    config.bos_token_id = meta.get("bos_token_id", meta.get("eos_token_id"))
+    return config
+
+
+class Trainer:
+    """Owns the model, optimizer and data order of one run; `step()` is one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world = _dist_env()
+        self.distributed = self.world > 1
+        self.device = _process_device(cfg.device, self.local_rank)
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif self.distributed:  # share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
+        use_bf16 = pick_dtype(cfg.dtype, self.device) == torch.bfloat16
+        self.autocast: AbstractContextManager = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+                                                 else nullcontext())
+        self.precision = "bf16-autocast" if use_bf16 else "fp32"
+        self._load_data()
+        self._build_model()
+        self.objective = training_objective(cfg, self.teacher)  # loss(model, batch), what step() minimises
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+        self.step_idx = 0
+
+    def _load_data(self) -> None:
+        """The token splits, and how each global batch splits into processes and micro-batches."""
+        cfg = self.cfg
+        self.meta = read_meta(cfg.data)
+        self.train_tokens = load_tokens(cfg.data, "train")
+        self.val_tokens = load_tokens(cfg.data, "val")
+        self.total_steps = cfg.total_steps
+        global_seqs = cfg.batch_tokens // cfg.seq_len
+        if global_seqs % self.world:
+            raise CrossLayerError(f"batch of {global_seqs} sequences does not split over {self.world} processes")
+        self.per_rank = global_seqs // self.world
+        self.micro = min(cfg.micro_batch, self.per_rank)
+        if self.per_rank % self.micro:
+            raise CrossLayerError(
+                f"{self.per_rank} sequences per process is not a multiple of micro_batch {self.micro}"
+            )
+        self.accum = self.per_rank // self.micro
+        self.order = SequenceOrder(self.train_tokens, cfg.seq_len, cfg.seed)
+
+    def _build_model(self) -> None:
+        """The model (new, or an init model's weights) on this device, wrapped; the teacher, if any."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.init:
+            model = load_init_model(cfg.init, cfg.data, self.meta, cfg.attn_implementation)
+            self.model_config = model.config
+        else:
+            self.model_config = build_model_config(cfg, self.meta)
+            model = CLAForCausalLM(self.model_config)
+        select_trainable(model, cfg.trainable)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable()  # the name transformers 5.16+ all have
+        self.raw_model = model.to(self.device).train()
+        self.teacher = load_teacher(cfg.teacher, self.model_config, self.device) if cfg.teacher else None
+        self.model = self._wrap(self.raw_model)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.distributed and self.cfg.parallel == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if self.precision != "fp32" else MixedPrecisionPolicy())
+            for layer in model.model.layers:
+                if isinstance(layer, CLADecoderLayer):
+                    fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+        elif self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    # -- one optimizer step ------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step_idx
+        lr = lr_at(step, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        first = step * self.per_rank * self.world + self.rank * self.per_rank
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(self.accum):
+            batch = self.order.batch(range(first + k * self.micro, first + (k + 1) * self.micro)).to(self.device)
+            last = k == self.accum - 1
+            with self._no_sync(last), self.autocast:
+                loss = self.objective(self.model, batch)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                     if cfg.grad_clip > 0 else torch.zeros(()))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum / self.accum
+        if self.distributed:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        self.step_idx += 1
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        return {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
+
+    def _no_sync(self, last: bool) -> AbstractContextManager:
+        if self.distributed and self.cfg.parallel == "ddp" and not last:
+            return self.model.no_sync()
+        if self.distributed and self.cfg.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    # -- files -------------------------------------------------------------------------------
+
+    def write_model_files(self, folder: Path) -> None:
+        """What makes a folder a model folder beside its weights: config, generation config, tokenizer."""
+        self.model_config.save_pretrained(folder)
+        source = Path(self.cfg.init) if self.cfg.init else Path(self.cfg.data)
+        if not copy_tokenizer_files(source, folder):  # an init model's own, chat template included; else the data's
+            copy_tokenizer_files(Path(self.cfg.data), folder)
+        if self.cfg.init and (Path(self.cfg.init) / "generation_config.json").is_file():
+            shutil.copyfile(Path(self.cfg.init) / "generation_config.json", folder / "generation_config.json")
+
+    def save_checkpoint(self, out: Path, step: int) -> Path:
+        """A sharded checkpoint of this step (every process takes part)."""
+        return ckpt.save_checkpoint(out, step, self.raw_model, self.optimizer,
+                                    {"train_config": self.cfg.to_dict(), "world_size": self.world},
+                                    self.write_model_files, keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        ckpt.set_rng_state(state["rng"])
+        self.step_idx = int(state["step"])
