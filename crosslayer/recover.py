@@ -6,7 +6,9 @@ optionally with the query and output projections of every layer that shares K/V 
 learn from the original model itself (`teacher`) instead of from the data alone:
   lm         next-token cross-entropy on the data (the trainer's own loss; no teacher);
   logits     the KL divergence from the teacher's next-token distribution to ours (through the whole
-             model and its output layer);
+             model and its output layer), a chunk of rows at a time (`crosslayer.losses`): online
+             (the teacher runs beside the student) or offline (`teacher_topk: k`: the teacher's top-k
+             per training window, computed once and kept beside the data, `crosslayer.teacher_cache`);
   attention  layer-local: every layer that shares K/V gets the teacher's hidden state at its input
              and learns to reproduce the teacher's attention output there (relative squared error,
              averaged over those layers). Only the attention of those layers runs with gradients:
@@ -20,16 +22,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .errors import CrossLayerError
+from .losses import HeadLoss, TeacherLogits, final_hidden
 from .modeling import SharedKV
+from .teacher_cache import TopKStore
 
 TRAINABLE = ("all", "kv", "kv+qo")
 OBJECTIVES = ("lm", "logits", "attention")
-# a training objective: loss(model, batch of (B, T+1) token ids) -> a scalar to minimise
+# a training objective: loss(model, batch of (B, T+1) token ids) -> a scalar to minimise; the model is a
+# `crosslayer.losses.HeadLoss` (its forward takes inputs and a loss target), perhaps wrapped by DDP / FSDP
 Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
@@ -71,19 +75,31 @@ def select_trainable(model: nn.Module, which: str) -> None:
 
 
 def logit_distillation(teacher: nn.Module, temperature: float = 1.0) -> Objective:
-    """loss(student, batch) = KL(teacher || student) of the next-token distributions, x temperature^2."""
+    """loss(student, batch) = KL(teacher || student) of the next-token distributions, x temperature^2; the
+    teacher's final hidden states are computed here, its logits a chunk at a time beside the student's."""
 
     def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         inputs = batch[:, :-1]
         with torch.no_grad():
-            target = teacher(input_ids=inputs, use_cache=False).logits.float()  # (B, T, V)
-        logits = student(input_ids=inputs, use_cache=False).logits.float()  # (B, T, V)
-        log_p = F.log_softmax(target / temperature, dim=-1)
-        log_q = F.log_softmax(logits / temperature, dim=-1)
-        kl = F.kl_div(log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean")
-        return kl * temperature**2
+            hidden = final_hidden(teacher, inputs).flatten(0, 1)  # (B*T, d)
+        return student(inputs, TeacherLogits(hidden, teacher.lm_head.weight, temperature))
 
     return loss
+
+
+class OfflineLogitDistillation:
+    """loss(student, batch) = the top-k KL (`crosslayer.losses.TeacherTopK`) to the teacher's stored top-k of
+    the batch's windows. The trainer names the windows of each batch first (`windows`), and the store
+    computes those it does not hold yet with the teacher, once."""
+
+    def __init__(self, store: TopKStore, teacher: nn.Module, autocast) -> None:
+        self.store, self.teacher, self.autocast = store, teacher, autocast
+        self.windows: list[int] = []
+
+    def __call__(self, student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        device = batch.device
+        self.store.fill(self.windows, self.teacher, device, self.autocast)
+        return student(batch[:, :-1], self.store.target(self.windows, device))
 
 
 @torch.no_grad()
@@ -126,6 +142,7 @@ def attention_distillation(teacher: nn.Module) -> Objective:
 
     def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         model = getattr(student, "module", student)  # unwrapped (DDP); the layers are called one by one
+        model = model.lm if isinstance(model, HeadLoss) else model
         config = model.config
         shared = [i for members in shared_groups(config).values() if len(members) > 1 for i in members]
         if not shared:

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -39,7 +40,8 @@ def ptb(tmp_path_factory, request):
 def recipe(tmp_path, data, **kw):
     cfg = dict(model=MODEL, data=str(data), out=str(tmp_path / "run"), seq_len=32, batch_tokens=1024,
                micro_batch=8, max_steps=8, lr=3e-3, eval_every=4, eval_tokens=2048, log_every=1,
-               checkpoint_every=3, keep_checkpoints=2, progress=False)
+               checkpoint_every=3, keep_checkpoints=2, progress=False,
+               dtype="fp32")  # auto is bf16 on CPUs with bf16 matrix units: the exactness checks here are fp32's
     cfg.update(kw)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -339,3 +341,33 @@ def test_compiled_run_saves_and_resumes_like_an_uninterrupted_one(tmp_path, ptb)
     resumed = [loss for step, loss in losses(Path(half.out)) if step > 2]
     reference = [loss for step, loss in losses(Path(eager.out))]
     assert first + resumed[:2] == pytest.approx(reference[:4], rel=1e-4)  # steps 1-4, across the restart
+
+
+def test_dtype_auto_is_bf16_where_the_cpu_has_bf16_matrix_units(tmp_path, ptb, monkeypatch):
+    from crosslayer.train import trainer as trainer_mod
+
+    for units, precision in ((True, "bf16-autocast"), (False, "fp32")):
+        monkeypatch.setattr(trainer_mod, "has_bf16_matrix_units", lambda units=units: units)
+        assert train_mod.Trainer(_trainer(tmp_path, ptb, f"auto-{units}", dtype="auto")).precision == precision
+
+
+def test_offline_teacher_of_the_whole_vocabulary_trains_as_the_online_one(tmp_path, ptb):
+    """top-k = the vocabulary: the stored teacher is the whole teacher, so the losses equal online distillation's."""
+    from crosslayer import CLAForCausalLM
+    from crosslayer.data import read_meta
+
+    base = load_train_config(recipe(tmp_path, ptb, seq_len=16, batch_tokens=128, micro_batch=4, max_steps=3))
+    config = train_mod.build_model_config(base, read_meta(ptb))
+    torch.manual_seed(1)
+    CLAForCausalLM(config).save_pretrained(tmp_path / "teacher")
+    runs = {}
+    for name, extra in (("online", {}), ("offline", {"teacher_topk": config.vocab_size,
+                                                     "teacher_cache": str(tmp_path / "store")})):
+        cfg = load_train_config(recipe(tmp_path, ptb, out=str(tmp_path / name), seq_len=16, batch_tokens=128,
+                                       micro_batch=4, max_steps=3, objective="logits",
+                                       teacher=str(tmp_path / "teacher"), **extra))
+        trainer = train_mod.Trainer(cfg)
+        runs[name] = [trainer.step()["loss"] for _ in range(3)]
+    assert runs["offline"] == pytest.approx(runs["online"], rel=1e-4)
+    done = np.load(tmp_path / "store" / "done.npy")
+    assert done.sum() == 3 * 128 // 16  # every window the three steps read, computed once

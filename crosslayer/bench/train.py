@@ -1,10 +1,11 @@
 """Training throughput: our trainer against a plain loop over transformers' LlamaForCausalLM.
 
-Every model sees the same batch shape, optimizer (AdamW, paper settings), gradient clipping and
-precision (bf16 autocast on CUDA, fp32 on CPU). Ours runs `Trainer.step()` — the exact code
-`crosslayer train` runs, data loading included; the baseline is the loop a transformers user
-writes. Tokens are random ids (throughput does not depend on them). Reports tokens/s, the ratios,
-and on CUDA the model FLOPs utilisation. Prints a table, then one JSON line.
+Every model sees the same batch shape, optimizer (AdamW, paper settings), gradient clipping, loss
+(`crosslayer.losses.HeadLoss`) and precision (bf16 autocast on CUDA and on CPUs with bf16 matrix units,
+else fp32; `args.dtype` overrides). Ours runs `Trainer.step()` — the exact code `crosslayer train`
+runs, data loading included; the baseline is the loop a transformers user writes. Tokens are
+random ids (throughput does not depend on them). Reports tokens/s, the ratios, and on CUDA the model
+FLOPs utilisation. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from transformers import LlamaForCausalLM
 
 from ..config import CLAConfig, to_llama_config
 from ..data import FORMAT_VERSION, token_dtype
-from ..device import device_name, sync
+from ..device import cpu_capabilities, device_name, has_bf16_matrix_units, sync
 from ..errors import CrossLayerError
+from ..losses import HeadLoss
 from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
 
 # dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere
@@ -87,11 +89,18 @@ def _time_interleaved(step_fns: list, steps: int, warmup: int, repeats: int, dev
     return times
 
 
+def bench_bf16(args, device: torch.device) -> bool:
+    """Whether the benchmark trains in bf16 autocast: `args.dtype` (default auto, the trainer's rule)."""
+    dtype = getattr(args, "dtype", "auto") or "auto"
+    return dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or has_bf16_matrix_units()))
+
+
 def ours_step(preset: str, data: Path, args, device: torch.device):
     """(step function, config): one optimizer step of our Trainer."""
     cfg = TrainConfig(model=preset, data=str(data), out="", seq_len=args.seq_len,
                       batch_tokens=args.seq_len * args.micro_batch * args.accum, micro_batch=args.micro_batch,
-                      max_steps=10**6, device=str(device), compile=args.compile, progress=False)
+                      max_steps=10**6, device=str(device), compile=args.compile, progress=False,
+                      dtype="bf16" if bench_bf16(args, device) else "fp32")
     trainer = Trainer(cfg)
     return trainer.step, trainer.model_config
 
@@ -103,12 +112,12 @@ def hf_llama_step(preset: str, args, device: torch.device):
         raise CrossLayerError(f"the transformers baseline needs a CLA1 shape, {preset} shares K/V")
     config = to_llama_config(ours, args.seq_len)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device).train()
+    model = HeadLoss(LlamaForCausalLM(config).to(device).train())  # the same chunked loss as our trainer's
     if args.compile:
         model = torch.compile(model)
     # the same optimizer groups and loss as our trainer, so only the models differ
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    bf16 = device.type == "cuda"
+    bf16 = bench_bf16(args, device)
     rng = torch.Generator().manual_seed(0)
 
     def step() -> float:
@@ -163,8 +172,10 @@ def run_train_bench(args: TrainBench, device: torch.device) -> dict:
         rows = [_row(n, c, t, batch_tokens, args, device) for n, c, t in zip(names, configs, times, strict=True)]
     result = {"benchmark": "train", "device": device_name(device), "torch": torch.__version__,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum,
-              "precision": "bf16-autocast" if device.type == "cuda" else "fp32", "compile": args.compile,
+              "precision": "bf16-autocast" if bench_bf16(args, device) else "fp32", "compile": args.compile,
               "rows": rows}
+    if device.type == "cpu":
+        result["cpu"] = cpu_capabilities()
     ours = {r["name"].split(" ", 1)[1]: r for r in rows if r["name"].startswith("crosslayer ")}
     if args.baseline:
         result["ours_over_transformers"] = ours[presets[0]]["tokens_per_s"] / rows[0]["tokens_per_s"]

@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or fp32 / bf16 (TRAIN_DTYPES)
+    dtype: str = "auto"  # auto: bf16 autocast on cuda and on CPUs with bf16 matrix units, else fp32; or fp32 / bf16
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each layer's forward in backward: less memory, more compute
     attn_implementation: str = "sdpa"
@@ -55,11 +55,13 @@ class TrainConfig:
     objective: str = "lm"  # lm: next-token loss; a distillation objective needs `teacher`; see recover.OBJECTIVES
     teacher: str | None = None  # the original model (folder, hub id, .gguf) that distillation imitates
     distill_temperature: float = 1.0  # softmax temperature of logit distillation
+    teacher_topk: int | None = None  # objective logits offline: the teacher's top-k per token, computed once, stored
+    teacher_cache: str | None = None  # where that store lives (default: DATA/teacher-topk/FINGERPRINT-sSEQ-kK)
 
     # keys that must match when a run folder is resumed (the others may change between launches)
     RESUME_KEYS = ("model", "data", "init", "seq_len", "batch_tokens", "max_steps", "tokens", "lr", "min_lr_ratio",
                    "warmup_frac", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "seed", "trainable",
-                   "objective", "teacher", "distill_temperature")
+                   "objective", "teacher", "distill_temperature", "teacher_topk")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -103,6 +105,12 @@ class TrainConfig:
                                   if self.teacher is None else "takes no teacher; use a distillation objective"))
         if not self.distill_temperature > 0:
             raise CrossLayerError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.teacher_topk is not None:
+            if self.objective != "logits" or self.teacher_topk < 1:
+                raise CrossLayerError(f"teacher_topk (got {self.teacher_topk}) is a positive k for objective logits")
+            if self.distill_temperature != 1.0:
+                raise CrossLayerError("teacher_topk stores the teacher's probabilities at temperature 1: set "
+                                      "distill_temperature: 1.0 or distil online (no teacher_topk)")
 
     @property
     def total_steps(self) -> int:

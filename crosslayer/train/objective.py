@@ -8,19 +8,19 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CrossLayerError
+from ..losses import NextToken
 from ..recover import Objective, build_objective
 from .config import TrainConfig
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T+1) batch."""
+    """Mean next-token cross-entropy of a (B, T+1) batch; `model` is a `HeadLoss` (perhaps wrapped), so the
+    vocabulary-wide work runs a chunk of rows at a time."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return model(inputs, NextToken(targets.flatten()))
 
 
 def training_objective(cfg: TrainConfig, teacher: nn.Module | None) -> Objective:

@@ -1,11 +1,13 @@
 """One optimizer step, and what it needs: this process's device and precision, the model, the data order.
 
-The model is written for one device; data parallelism (DDP or FSDP2 `fully_shard`), mixed precision
-and `torch.compile` are applied here, from outside, in that order.
+The model is written for one device; the loss's output layer (`crosslayer.losses.HeadLoss`, which
+computes vocabulary-wide losses a chunk of rows at a time), data parallelism (DDP or FSDP2
+`fully_shard`), mixed precision and `torch.compile` are applied here, from outside, in that order.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -19,13 +21,17 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt
 from ..config import CLAConfig, load_config
 from ..data import load_tokens, read_meta
-from ..device import pick_device, pick_dtype
+from ..device import has_bf16_matrix_units, pick_device, pick_dtype
 from ..errors import CrossLayerError
 from ..loading import copy_tokenizer_files, load_init_model, load_teacher
+from ..losses import HeadLoss
 from ..modeling import CLADecoderLayer, CLAForCausalLM
-from ..recover import select_trainable
+from ..recover import OfflineLogitDistillation, select_trainable
+from ..teacher_cache import TopKStore, model_fingerprint
 from .config import TrainConfig
 from .objective import training_objective
+
+logger = logging.getLogger(__name__)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -48,15 +54,20 @@ class SequenceOrder:
             raise CrossLayerError(f"the training split ({len(tokens)} tokens) is shorter than one sequence")
         self._epoch, self._perm = -1, None
 
-    def batch(self, indices: range) -> torch.Tensor:
-        rows = []
+    def windows(self, indices: range) -> list[int]:
+        """The windows (window w starts at token w * seq_len) of global sequence numbers `indices`."""
+        found = []
         for g in indices:
             epoch, pos = divmod(g, self.chunks)
             if epoch != self._epoch:
                 self._epoch = epoch
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
-            start = int(self._perm[pos]) * self.seq_len
-            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+            found.append(int(self._perm[pos]))
+        return found
+
+    def batch(self, indices: range) -> torch.Tensor:
+        rows = [np.asarray(self.tokens[w * self.seq_len : (w + 1) * self.seq_len + 1], dtype=np.int64)
+                for w in self.windows(indices)]
         return torch.from_numpy(np.stack(rows))  # (B, T+1)
 
 
@@ -112,12 +123,18 @@ class Trainer:
         elif self.distributed:  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
         use_bf16 = pick_dtype(cfg.dtype, self.device) == torch.bfloat16
+        if cfg.dtype == "auto" and self.device.type == "cpu" and has_bf16_matrix_units():
+            use_bf16 = True
+            if self.rank == 0:
+                logger.info("dtype auto: bf16 autocast (this CPU has bf16 matrix units: AMX or AVX512-BF16)")
         self.autocast: AbstractContextManager = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                                                  else nullcontext())
         self.precision = "bf16-autocast" if use_bf16 else "fp32"
         self._load_data()
         self._build_model()
         self.objective = training_objective(cfg, self.teacher)  # loss(model, batch), what step() minimises
+        if cfg.teacher_topk:
+            self.objective = OfflineLogitDistillation(self._teacher_store(), self.teacher, self.autocast)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
@@ -157,7 +174,16 @@ class Trainer:
             model.gradient_checkpointing_enable()  # the name transformers 5.16+ all have
         self.raw_model = model.to(self.device).train()
         self.teacher = load_teacher(cfg.teacher, self.model_config, self.device) if cfg.teacher else None
-        self.model = self._wrap(self.raw_model)
+        if self.teacher is not None and self.precision != "fp32":
+            self.teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and no cast per forward
+        self.model = self._wrap(HeadLoss(self.raw_model))
+
+    def _teacher_store(self) -> TopKStore:
+        """The offline teacher's top-k store of this run's training tokens, beside the data unless named."""
+        cfg = self.cfg
+        fingerprint = model_fingerprint(self.teacher)
+        folder = cfg.teacher_cache or Path(cfg.data) / "teacher-topk" / f"{fingerprint}-s{cfg.seq_len}-k{cfg.teacher_topk}"
+        return TopKStore(folder, self.train_tokens, cfg.seq_len, cfg.teacher_topk, fingerprint)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.distributed and self.cfg.parallel == "fsdp":
@@ -165,7 +191,7 @@ class Trainer:
 
             mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if self.precision != "fp32" else MixedPrecisionPolicy())
-            for layer in model.model.layers:
+            for layer in model.lm.model.layers:
                 if isinstance(layer, CLADecoderLayer):
                     fully_shard(layer, mp_policy=mp)
             fully_shard(model, mp_policy=mp)
@@ -187,7 +213,10 @@ class Trainer:
         first = step * self.per_rank * self.world + self.rank * self.per_rank
         loss_sum = torch.zeros((), device=self.device)
         for k in range(self.accum):
-            batch = self.order.batch(range(first + k * self.micro, first + (k + 1) * self.micro)).to(self.device)
+            sequences = range(first + k * self.micro, first + (k + 1) * self.micro)
+            batch = self.order.batch(sequences).to(self.device)
+            if isinstance(self.objective, OfflineLogitDistillation):
+                self.objective.windows = self.order.windows(sequences)
             last = k == self.accum - 1
             with self._no_sync(last), self.autocast:
                 loss = self.objective(self.model, batch)
