@@ -24,7 +24,7 @@ COMMANDS = {
 
 
 def build_parser():
-    from .cli import ArgumentParser, setup_logging  # noqa: F401
+    from .cli import ArgumentParser
 
     parser = ArgumentParser(prog="crosslayer",
                             description="Cross-Layer Attention: define, train, convert, evaluate, serve and measure CLA "

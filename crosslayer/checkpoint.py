@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import load_config
 from .errors import CrossLayerError
+from .modeling import CLAForCausalLM
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 STATE = "state"  # the torch.distributed.checkpoint folder inside a step folder
@@ -190,9 +192,6 @@ def is_step_checkpoint(folder: Path) -> bool:
 def load_step_checkpoint_model(folder: Path, dtype: torch.dtype = torch.float32):
     """The model a step checkpoint holds, consolidated from its shards in this one process."""
     import torch.distributed.checkpoint as dcp
-
-    from .config import load_config
-    from .modeling import CLAForCausalLM
 
     folder = Path(folder)
     config = load_config(folder)

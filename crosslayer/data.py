@@ -94,21 +94,8 @@ def prepare(
     out_dir = Path(out_dir)
     spec = _parse_source(source, val)
     tok_spec = _parse_tokenizer(tokenizer)
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
-        raise CrossLayerError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    if max_train_docs is not None and (not isinstance(max_train_docs, int) or max_train_docs < 1):
-        raise CrossLayerError(f"max_train_docs must be a positive integer or None, got {max_train_docs!r}")
-
-    arguments = {
-        "source": spec.identity,
-        "tokenizer": tok_spec.identity,
-        # An explicit validation glob makes the fraction irrelevant; leave it out so changing it
-        # does not count as a different dataset.
-        "val_fraction": None if spec.kind in ("text", "jsonl") and spec.val is not None else float(val_fraction),
-        "max_train_docs": max_train_docs,
-    }
+    arguments = _arguments(spec, tok_spec, val_fraction, max_train_docs)
     fingerprint = _sha256_text(json.dumps({"format_version": FORMAT_VERSION, "arguments": arguments}, sort_keys=True))
-
     existing = _existing_dataset(out_dir, fingerprint)
     if existing is not None:
         log.info(f"reusing prepared data in {out_dir} (same arguments)")
@@ -124,45 +111,19 @@ def prepare(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir))
     try:
-        if tok_spec.kind == "bpe":
-            wrapper = _train_bpe(corpus, tok_spec.vocab_size, progress)
-        else:
-            wrapper = hf_tokenizer
-        wrapper.save_pretrained(str(staging))
-        tokenizer_files = sorted(p.name for p in staging.iterdir())
-        if "tokenizer.json" not in tokenizer_files:
-            raise CrossLayerError(f"tokenizer {tokenizer!r} did not save a tokenizer.json; use a fast tokenizer")
-
-        vocab_size = max(len(wrapper), wrapper.backend_tokenizer.get_vocab_size(with_added_tokens=True))
-        dtype = token_dtype(vocab_size)
-        bos = document_bos(wrapper)
-        stats = _tokenise(corpus, staging, wrapper.eos_token_id, bos, dtype, progress)
-        _check_sizes(stats, corpus, val_fraction)
-
+        wrapper = _train_bpe(corpus, tok_spec.vocab_size, progress) if tok_spec.kind == "bpe" else hf_tokenizer
         meta = {
             "format": "crosslayer-tokens",
             "format_version": FORMAT_VERSION,
             "source": source,
             "tokenizer": tokenizer,
-            "vocab_size": vocab_size,
-            "eos_token_id": wrapper.eos_token_id,
-            "bos_token_id": bos,  # put before every document (None: the tokenizer adds no BOS)
-            "tokenizer_fingerprint": tokenizer_fingerprint(wrapper),
-            "dtype": dtype,
-            "tokenizer_files": tokenizer_files,
-            "val_method": corpus.val_method,
-            "splits": stats,
+            **_write_tokens(staging, wrapper, tokenizer, corpus, val_fraction, progress),
             "arguments": arguments,
             "fingerprint": fingerprint,
             "versions": _versions(),
         }
         (staging / _META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-        # Each rename is atomic; meta.json goes last, so a folder whose meta.json exists is complete.
-        (out_dir / _META).unlink(missing_ok=True)
-        for name in [*tokenizer_files, "train.bin", "val.bin", _META]:
-            os.replace(staging / name, out_dir / name)
-        staging.rmdir()
+        _publish(staging, out_dir, [*meta["tokenizer_files"], "train.bin", "val.bin", _META])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(created):
@@ -218,10 +179,6 @@ def document_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-
-
-
-
 def token_dtype(vocab_size: int) -> str:
     """The smallest on-disk dtype name that holds every id of a `vocab_size` vocabulary."""
     if vocab_size <= 1 << 16:
@@ -229,6 +186,25 @@ def token_dtype(vocab_size: int) -> str:
     if vocab_size <= 1 << 32:
         return "uint32"
     raise CrossLayerError(f"vocabulary of {vocab_size} tokens does not fit uint32 token ids")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _arguments(spec: _SourceSpec, tok_spec: _TokenizerSpec, val_fraction: float, max_train_docs: int | None) -> dict:
+    """The arguments that decide the dataset (what its fingerprint covers), after checking the numeric ones."""
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise CrossLayerError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if max_train_docs is not None and (not isinstance(max_train_docs, int) or max_train_docs < 1):
+        raise CrossLayerError(f"max_train_docs must be a positive integer or None, got {max_train_docs!r}")
+    return {
+        "source": spec.identity,
+        "tokenizer": tok_spec.identity,
+        # An explicit validation glob makes the fraction irrelevant; leave it out so changing it
+        # does not count as a different dataset.
+        "val_fraction": None if spec.kind in ("text", "jsonl") and spec.val is not None else float(val_fraction),
+        "max_train_docs": max_train_docs,
+    }
 
 
 # ----------------------------------------------------------------------------- sources
@@ -675,6 +651,30 @@ class _TokenWriter:
         self.file.close()
 
 
+def _write_tokens(staging: Path, wrapper, tokenizer: str, corpus: _Corpus, val_fraction: float,
+                  progress: bool) -> dict:
+    """Save the tokenizer and write train.bin and val.bin into `staging`; return the meta fields they fix."""
+    wrapper.save_pretrained(str(staging))
+    tokenizer_files = sorted(p.name for p in staging.iterdir())
+    if "tokenizer.json" not in tokenizer_files:
+        raise CrossLayerError(f"tokenizer {tokenizer!r} did not save a tokenizer.json; use a fast tokenizer")
+    vocab_size = max(len(wrapper), wrapper.backend_tokenizer.get_vocab_size(with_added_tokens=True))
+    dtype = token_dtype(vocab_size)
+    bos = document_bos(wrapper)
+    stats = _tokenise(corpus, staging, wrapper.eos_token_id, bos, dtype, progress)
+    _check_sizes(stats, corpus, val_fraction)
+    return {
+        "vocab_size": vocab_size,
+        "eos_token_id": wrapper.eos_token_id,
+        "bos_token_id": bos,  # put before every document (None: the tokenizer adds no BOS)
+        "tokenizer_fingerprint": tokenizer_fingerprint(wrapper),
+        "dtype": dtype,
+        "tokenizer_files": tokenizer_files,
+        "val_method": corpus.val_method,
+        "splits": stats,
+    }
+
+
 def _tokenise(corpus: _Corpus, staging: Path, eos: int, bos: int | None, dtype: str, progress: bool) -> dict:
     """Encode every document into staging/{train,val}.bin; return per-split statistics."""
     from tokenizers import Tokenizer
@@ -772,6 +772,15 @@ def _existing_dataset(out_dir: Path, fingerprint: str) -> dict | None:
         return meta
     log.warning(f"{out_dir}: token files missing or damaged; preparing them again")
     return None
+
+
+def _publish(staging: Path, out_dir: Path, names: list[str]) -> None:
+    """Move the staged files into `out_dir`. Each rename is atomic; the old meta.json goes first and the
+    new one last, so a folder whose meta.json exists is complete."""
+    (out_dir / _META).unlink(missing_ok=True)
+    for name in names:
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
 
 
 def _make_dirs(folder: Path) -> list[Path]:

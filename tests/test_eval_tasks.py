@@ -16,9 +16,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError
+from crosslayer.__main__ import build_parser
 from crosslayer.convert import from_hf
 from crosslayer.eval.lm_eval_tasks import local_data
-from crosslayer.eval.tasks import TASKS, render_configs, run_tasks
+from crosslayer.eval.tasks import TASKS, HubUnreachable, render_configs, run_tasks
 
 pytest.importorskip("lm_eval")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -200,9 +201,13 @@ def test_missing_or_malformed_local_data_is_a_clear_error(model, tokenizer, data
         run_tasks(model, tokenizer, ["piqa"], data_dir=data, limit=0)
 
 
-def test_online_path_without_network_points_to_data_dir(model, tokenizer):
-    with pytest.raises(CrossLayerError, match=r"Rowan/hellaswag.*--data-dir"):
+def test_online_path_without_network_points_to_data_dir(model, tokenizer, model_dir):
+    # the library points to its parameter, the command line to its flag
+    with pytest.raises(HubUnreachable, match=r"Rowan/hellaswag.*data_dir=DIR"):
         run_tasks(model, tokenizer, ["hellaswag"])
+    args = build_parser().parse_args(["eval", "tasks", str(model_dir), "--tasks", "hellaswag"])
+    with pytest.raises(CrossLayerError, match=r"Rowan/hellaswag.*--data-dir"):
+        args.func(args)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def test_init_refuses_data_prepared_with_another_tokenizer(tmp_path, ptb_bpe, cl
     summary = train(recipe(tmp_path, data, init=str(cla_model)))
     assert summary["val_loss"] > 0
     # the run's model carries the tokenizer it was trained with
-    assert AutoTokenizer.from_pretrained(tmp_path / "run").get_vocab() == AutoTokenizer.from_pretrained(cla_model).get_vocab()
+    assert (AutoTokenizer.from_pretrained(tmp_path / "run").get_vocab()
+            == AutoTokenizer.from_pretrained(cla_model).get_vocab())
 
 
 def test_eval_ppl_refuses_a_prepared_folder_of_another_tokenizer(ptb_bpe, cla_model):

@@ -19,6 +19,7 @@ ratios, machine); `plot` draws output tokens/s against the budget.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from ..config import CLAConfig
 from ..device import device_name
 from ..errors import CrossLayerError
+from ..modeling import CLAForCausalLM
 from ..serving.offline import kv_capacity_tokens, offline_engine
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ def twin_models(folder: str | Path, shape: dict[str, Any] | None = None, cla_fac
     """Random-weight CLA1 and CLA<cla_factor> (uniform) models of `shape`, saved under FOLDER: {name: path}.
 
     Existing folders are reused (they are deterministic in `seed`)."""
-    from ..modeling import CLAForCausalLM
-
     shape = dict(shape or SMOLLM2_SHAPE)
     out = {}
     for factor in (1, cla_factor):
@@ -123,8 +123,6 @@ def prompt_perplexity(folder: str | Path, windows: list[list[int]], kv_cache_dty
 
     vLLM's prefill writes each window's K/V to the cache and attends from there, so an fp8 cache
     shows in these numbers as it would in generation."""
-    import math
-
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

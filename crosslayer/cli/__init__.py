@@ -73,37 +73,25 @@ def _typed(name: str):
     return wrap
 
 
-@_typed("int >= 1")
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _at_least(kind: type, minimum: int, noun: str):
+    """An argparse type: a `kind` (int or float) >= minimum; its message names what is allowed."""
+    expected = f"{noun} >= {minimum}"
+
+    @_typed(f"{kind.__name__} >= {minimum}")
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not value >= minimum:  # `not >=`: NaN is out of range too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
 
 
-@_typed("int >= 0")
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-@_typed("float >= 0")
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+positive_int = _at_least(int, 1, "an integer")
+non_negative_int = _at_least(int, 0, "an integer")
+non_negative_float = _at_least(float, 0, "a number")
 
 
 def _list_type(kind: type, name: str, minimum: float | None = None):
@@ -141,11 +129,14 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
 
 
-def add_device_flags(p: argparse.ArgumentParser, dtype_help: str = "auto: bf16 on CUDA, fp32 on CPU") -> None:
+def add_device_flags(p: argparse.ArgumentParser, dtype_default: str | None = "auto",
+                     dtype_help: str = "auto: bf16 on CUDA, fp32 on CPU") -> None:
+    """--device, and --dtype (default `dtype_default`; None: the command takes no --dtype)."""
     from ..device import DTYPE_CHOICES
 
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=dtype_help)
+    if dtype_default is not None:
+        p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES, help=dtype_help)
 
 
 def add_model_flags(p: argparse.ArgumentParser, what: str = "model") -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_json_flags, add_progress_flag, emit, int_list, name_list, non_negative_int, positive_int
+from . import add_device_flags, add_json_flags, add_progress_flag, emit, int_list, name_list, non_negative_int, positive_int
+
+WEIGHTS_AND_CACHE = "weights and cache (auto: bf16 on CUDA, fp32 on CPU)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_decode(benches)
     _register_train(benches)
     _register_serve(benches)
-
-
-def _device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
-    from ..device import DTYPE_CHOICES
-
-    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
-                   help="weights and cache (auto: bf16 on CUDA, fp32 on CPU)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +40,7 @@ def _register_memory(sub) -> None:
     p.add_argument("--decode-tokens", type=non_negative_int, default=0,
                    help="with --budget: decode this many tokens at each largest batch and report tokens/s (0: no)")
     p.add_argument("--compile", action="store_true", help="with --decode-tokens: torch.compile the decode step")
-    _device_flags(p, "bf16")
+    add_device_flags(p, "bf16", WEIGHTS_AND_CACHE)
     p.add_argument("--plot", default=None, metavar="PNG", help="write the KV-vs-context plot here")
     add_json_flags(p)
     p.set_defaults(func=run_memory)
@@ -109,7 +103,7 @@ def _register_decode(sub) -> None:
                    help="a Python with vLLM installed: adds vLLM's offline engine as a reference row")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (runners interleaved); medians reported")
-    _device_flags(p)
+    add_device_flags(p, "auto", WEIGHTS_AND_CACHE)
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write torch.profiler tables of one decode (transformers, ours) at the first batch size")
     add_json_flags(p)
@@ -187,7 +181,7 @@ def _register_train(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per repeat")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (models interleaved); medians reported")
-    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
+    add_device_flags(p, dtype_default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile both ours and the baseline")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' Llama")
     add_progress_flag(p)
@@ -219,8 +213,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # serve
-
-
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -276,7 +268,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        raise CrossLayerError("bench serve needs vLLM beside crosslayer: see docs/serving.md (scripts/vllm-env.sh)") from None
+        raise CrossLayerError("bench serve needs vLLM beside crosslayer: "
+                              "see docs/serving.md (scripts/vllm-env.sh)") from None
     if set(args.kv_dtypes) - set(VLLM_KV_DTYPES):
         raise CrossLayerError(f"--kv-dtypes: of {', '.join(VLLM_KV_DTYPES)}, got {','.join(args.kv_dtypes)!r}")
     budgets = [parse_bytes(b) for b in args.budgets]

@@ -7,6 +7,7 @@ transformers models, GGUF files), so baselines go through the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import typing
@@ -110,13 +111,27 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise CrossLayerError(f"--data-dir: folder not found: {args.data_dir}")
     model, tokenizer = load_model_from_args(args)
-    result = run_tasks(model, tokenizer, names, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-                       log_samples=args.log_samples)
+    with _data_dir_flag():
+        result = run_tasks(model, tokenizer, names, data_dir=args.data_dir, limit=args.limit,
+                           batch_size=args.batch_size, log_samples=args.log_samples)
     result["model"] = str(args.model)
     if args.out:
         write_results(result, args.out)
     print(markdown_table(result), end="")
     return emit({k: v for k, v in result.items() if k != "samples"}, args)
+
+
+@contextlib.contextmanager
+def _data_dir_flag():
+    """The library's "cannot reach the hub" error, its way out worded as the --data-dir flag."""
+    from ..errors import CrossLayerError
+    from ..eval.tasks import HubUnreachable
+
+    try:
+        yield
+    except HubUnreachable as e:
+        raise CrossLayerError(f"{e.reason}. Without network access, run on local copies with --data-dir DIR "
+                              "(laid out like shared/data)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +207,7 @@ def run_all(args: argparse.Namespace) -> int:
             raw[f.name] = getattr(args, f.name)
     settings = settings_from(SuiteSettings, raw, "suite setting")
     model, tokenizer = load_model_from_args(args)
-    report = run_suite(model, tokenizer, str(args.model), args.out, settings, progress=not args.no_progress)
+    with _data_dir_flag():
+        report = run_suite(model, tokenizer, str(args.model), args.out, settings, progress=not args.no_progress)
     print(markdown_report(report))
     return emit(report, args)

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import load_tokens, read_meta
 from ..errors import CrossLayerError
+from ..loading import tokenizer_fingerprint
 
 
 def windows(n: int, context: int, stride: int, first: int = 1) -> list[tuple[int, int, int]]:
@@ -117,13 +119,11 @@ def perplexity(model, tokenizer, data: str, context: int | None = None, stride: 
     result: dict[str, Any] = {"data": data, "context": context, "stride": stride}
     text = None
     if Path(data).is_dir() and (Path(data) / "meta.json").exists():
-        from ..data import load_tokens, read_meta
-        from ..loading import tokenizer_fingerprint
-
         meta = read_meta(data)
         if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
             raise CrossLayerError(f"{data} was tokenised with another tokenizer ({meta['tokenizer']}) than the "
-                                  "model's: evaluate on the text instead, or prepare it with --tokenizer hf:<model>")
+                                  "model's: evaluate on the text instead, or prepare it with the model's tokenizer "
+                                  "(hf:<model>)")
         ids = torch.from_numpy(np.asarray(load_tokens(data, split), dtype=np.int64))
         n_bytes = meta["splits"][split]["bytes"]
         result["source"] = f"prepared {split} split ({meta['source']})"

@@ -37,6 +37,16 @@ TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
 TABLE_METRICS = ("acc", "acc_norm", "perplexity")  # columns of the markdown table
 
 
+class HubUnreachable(CrossLayerError):
+    """lm-eval could not load the tasks' data from the Hugging Face hub; `reason` says why, the message
+    adds the way out (local copies), which the command line words as its flag."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}. Without network access, run on local copies with data_dir=DIR "
+                         "(laid out like shared/data)")
+
+
 def parse_tasks(tasks: str | list[str]) -> list[str]:
     """Task names from a comma-separated string or a list, checked against TASKS (order kept, duplicates dropped)."""
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -53,7 +63,7 @@ def lm_eval_tasks_dir() -> Path:
     try:
         import lm_eval.tasks
     except ImportError:
-        raise CrossLayerError("`crosslayer eval tasks` needs lm-eval: pip install 'crosslayer[eval]'") from None
+        raise CrossLayerError("the zero-shot tasks need lm-eval: pip install 'crosslayer[eval]'") from None
     return Path(lm_eval.tasks.__file__).parent
 
 
@@ -119,10 +129,8 @@ def run_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path | None = 
             loaded = manager.load(names)["tasks"]
         except Exception as e:  # datasets and the hub client raise many types; the user needs the message
             if data_dir is None:
-                raise CrossLayerError(
-                    f"cannot load {', '.join(names)} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                    "Without network access, run on local copies with --data-dir DIR (laid out like shared/data)"
-                ) from None
+                raise HubUnreachable(
+                    f"cannot load {', '.join(names)} from the Hugging Face hub ({type(e).__name__}: {e})") from None
             raise CrossLayerError(f"cannot load the local task data from {data_dir}: {type(e).__name__}: {e}") from None
         if data_dir is None:
             info = {n: {"split": TASKS[n][1], "data": f"hub:{loaded[n].config.dataset_path}", "note": ""} for n in names}

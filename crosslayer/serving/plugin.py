@@ -10,16 +10,17 @@ crosslayer checkpoint is actually loaded.
 
 from __future__ import annotations
 
+from transformers import AutoConfig
+
+from ..config import CLAConfig
+
 ARCHITECTURE = "CLAForCausalLM"
 MODEL_CLASS = "crosslayer.serving.vllm_model:CLAForCausalLM"
 
 
 def register() -> None:
     """The `vllm.general_plugins` entry point."""
-    from transformers import AutoConfig
-    from vllm import ModelRegistry
-
-    from ..config import CLAConfig
+    from vllm import ModelRegistry  # here, not above: importing this module must not need vLLM
 
     AutoConfig.register(CLAConfig.model_type, CLAConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

@@ -123,14 +123,14 @@ class Trainer:
         elif self.distributed:  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
         use_bf16 = pick_dtype(cfg.dtype, self.device) == torch.bfloat16
-        if cfg.dtype == "auto" and self.device.type == "cpu" and has_bf16_matrix_units():
-            use_bf16 = True
-            if self.rank == 0:
-                logger.info("dtype auto: bf16 autocast (this CPU has bf16 matrix units: AMX or AVX512-BF16)")
+        auto_cpu_bf16 = cfg.dtype == "auto" and self.device.type == "cpu" and has_bf16_matrix_units()
+        use_bf16 = use_bf16 or auto_cpu_bf16
         self.autocast: AbstractContextManager = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                                                  else nullcontext())
         self.precision = "bf16-autocast" if use_bf16 else "fp32"
         self._load_data()
+        if auto_cpu_bf16 and self.rank == 0:  # said once the inputs are known good (a bad one gets one line)
+            logger.info("dtype auto: bf16 autocast (this CPU has bf16 matrix units: AMX or AVX512-BF16)")
         self._build_model()
         self.objective = training_objective(cfg, self.teacher)  # loss(model, batch), what step() minimises
         if cfg.teacher_topk:
