@@ -21,12 +21,10 @@ attention. Consumers read their producer's K/V, so they read the same 8-bit valu
     same shapes and `torch.compile` (CUDA graphs on a GPU) can capture it.
 Greedy decoding equals transformers' `generate` over a dynamic cache token for token.
 
-On a CPU the model's linear layers run through oneDNN for the duration (`cpu_linears`) where that is
-faster: for 8 or more rows (and, eager, for large weights such as an LM head) it is 1.3-2.4x torch's
-default BLAS call on the AMD EPYC this project measures on; a compiled step reads weights packed into
-oneDNN's layout, an eager one reads them as stored. A compiled CPU step also freezes the weights in and
-lets inductor autotune the remaining (one-row) GEMMs and write the step's wrapper in C++ (`compiled`):
-2.2-2.5x transformers' static-cache compiled `generate` at batch 1 (docs/benchmarks.md).
+On a CPU the model's linear layers run through oneDNN for the duration where that is faster, and a
+compiled step freezes the weights in and lets inductor autotune the GEMMs (`crosslayer.cpu_decode`: the
+state of that layer is a `CPUDecoding` object the caller owns; `fast_generate` makes one per call unless
+given one to reuse).
 
 `chunked_nll` scores a token stream through the same cache, a chunk at a time, so the quality of a
 quantised cache is measured where the cache is read.
@@ -34,11 +32,10 @@ quantised cache is measured where the cache is read.
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import time
-import types
-import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,11 +44,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .config import CLAConfig
+from .cpu_decode import CPUDecoding
 from .device import kv_storage_dtype, sync
 from .errors import CrossLayerError
+from .modeling import CLAForCausalLM
 from .quant import GRANULARITIES, KV_FORMATS, SCALE_DTYPE, QuantizedKV, channel_scale, quantize
-
-logger = logging.getLogger(__name__)
 
 ATTENTION = "crosslayer_decode"
 # an 8-bit K (or V) is cast to the compute dtype in blocks of rows: a 1/16 of them, at least 256 KiB of cast values
@@ -111,81 +108,6 @@ def _attend_8bit(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: to
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)  # (B, Hkv, G, S)
     v_scale = value.scale.to(dtype).transpose(-1, -2)  # (B, Hkv, 1, S)
     return torch.matmul(probs * v_scale, value.values.to(dtype))  # (B, Hkv, G, hd)
-
-
-AttentionInterface.register(ATTENTION, decode_attention)
-
-
-# oneDNN for a linear with at least this many rows, or in eager mode this many weight elements; torch's own
-# call (in a compiled step: inductor's autotuned GEMM) below both
-ONEDNN_MIN_ROWS, ONEDNN_MIN_WEIGHT = 8, 1 << 20
-
-# compiled steps: weights reordered into oneDNN's blocked layout, by (address, shape, version), while
-# `cpu_linears` is active; packed for `_pack_rows[0]` rows (a hint: any number of rows runs on a pack)
-_PACKED: dict[tuple, torch.Tensor] = {}
-_pack_rows = [ONEDNN_MIN_ROWS]
-
-# a plain library op, not `torch.library.custom_op`: the latter's Python wrapper costs ~50 us a call, a
-# tenth of a decode step's linears at batch 16
-_LIB = torch.library.Library("crosslayer", "DEF")
-_LIB.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-
-
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (N, in) @ weight.T (+ bias) by oneDNN on a CPU, on a copy of `weight` reordered once into oneDNN's
-    blocked layout (1.3-1.5x the unpacked call at 16 rows on this project's CPU) and kept while
-    `cpu_linears` is active; a weight changed in place is packed again. Opaque to torch.compile."""
-    key = (weight.data_ptr(), tuple(weight.shape), weight._version)
-    packed = _PACKED.get(key)
-    if packed is None:
-        packed = _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight, _pack_rows[0])
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-_LIB.impl("packed_linear", packed_linear, "CPU")
-
-
-@torch.library.register_fake("crosslayer::packed_linear", lib=_LIB)
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # decided from shapes, so a compiled step settles it once while tracing: few rows of a small weight (any
-    # weight, compiled) stay with torch (oneDNN's fixed cost per call dominates there, and inductor's own
-    # GEMM micro-kernels read a one-row GEMV at 2-3x the BLAS call's bandwidth); a compiled step packs
-    # (the weights' size again, held while it runs), eager calls read the weights as stored
-    rows = x.numel() // x.shape[-1]
-    compiling = torch.compiler.is_compiling()
-    if rows < ONEDNN_MIN_ROWS and (compiling or self.weight.numel() < ONEDNN_MIN_WEIGHT):
-        return F.linear(x, self.weight, self.bias)
-    shape, x = x.shape[:-1], x.reshape(rows, x.shape[-1]).contiguous()
-    if compiling:
-        out = torch.ops.crosslayer.packed_linear(x, self.weight, self.bias)  # (N, out)
-    else:
-        out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-    return out.view(*shape, self.weight.shape[0])
-
-
-@contextmanager
-def cpu_linears(model: torch.nn.Module, rows: int = ONEDNN_MIN_ROWS):
-    """Run the model's `nn.Linear` layers through oneDNN while inside (CPU, fp32 or bf16 weights, no
-    autograd); otherwise, and afterwards, as they were. A compiled step's linears read packed copies of
-    the weights (packed for `rows` rows: the decode batch; the weights' size again), freed on the way out."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-               and m.weight.dtype in (torch.float32, torch.bfloat16)]
-    if not torch.backends.mkldnn.is_available() or torch.is_grad_enabled():
-        linears = []
-    for m in linears:
-        m.forward = types.MethodType(_onednn_forward, m)
-    _pack_rows[0] = max(rows, 1)
-    try:
-        yield
-    finally:
-        for m in linears:
-            del m.forward  # back to nn.Linear.forward
-        _PACKED.clear()
-
 
 
 class ProducerCache:
@@ -325,9 +247,18 @@ class ProducerCache:
         return QuantizedKV(keys, k_scale), QuantizedKV(values, self.value_scales[s][:, :, :end])
 
 
+@functools.cache
+def _register_decode_attention() -> None:
+    """Make `decode_attention` a kernel transformers' models look up by the name ATTENTION (once a process)."""
+    AttentionInterface.register(ATTENTION, decode_attention)
+
+
 @contextmanager
 def attention_implementation(model: torch.nn.Module, name: str):
-    """Run `model` with another registered attention kernel, restoring the old one afterwards."""
+    """Run `model` with another registered attention kernel (ATTENTION is registered here at its first use),
+    restoring the old one afterwards."""
+    if name == ATTENTION:
+        _register_decode_attention()
     config = model.config
     old = config._attn_implementation
     config._attn_implementation = name
@@ -366,8 +297,6 @@ class Generation:
 
 
 def _check_model(model: torch.nn.Module) -> None:
-    from .modeling import CLAForCausalLM
-
     if not isinstance(model, CLAForCausalLM):
         raise CrossLayerError(f"the fast decoding path needs a crosslayer model, got {type(model).__name__}; "
                               "convert a Llama-family checkpoint first (crosslayer.convert.from_hf)")
@@ -382,48 +311,13 @@ def last_logits(model: torch.nn.Module, cache: ProducerCache, ids: torch.Tensor,
     return out.logits[:, -1]
 
 
-# inductor on a CPU: the weights frozen into the compiled step as constants and prepacked, every GEMM
-# autotuned between inductor's own C++ micro-kernels and ATen's (the micro-kernel reads a one-row GEMV at
-# 2-3x the bandwidth of the BLAS call), and the step's wrapper compiled to C++ instead of run as Python
-CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "cpp_wrapper": True}
-
-
-def compiled(step, device: torch.device, model: torch.nn.Module):
-    """`torch.compile` of a decode step of `model`, whole graph: CUDA graphs on a GPU; on a CPU,
-    `CPU_COMPILE_OPTIONS`, which freeze the model's weights into the step: if they changed since a step of
-    this model was compiled, the compiled code is dropped first (`thaw_if_changed`).
-    Call it inside `compile_room()`, under `torch.no_grad()`."""
+def compiled(step: Callable, device: torch.device, model: torch.nn.Module, cpu: CPUDecoding | None = None) -> Callable:
+    """`torch.compile` of a decode step of `model`, whole graph: CUDA graphs on a GPU; on a CPU
+    `cpu.compile` (inductor's CPU options, the weights frozen in; `cpu` default: a new `CPUDecoding`, which
+    reuses no step compiled before it). Call it inside `compile_room()`, under `torch.no_grad()`."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    thaw_if_changed(model)
-    step = torch.compile(step, fullgraph=True)
-
-    def run(*args):  # compiled at the first call (and recompiled at new shapes): the options must hold then
-        with cpu_compile_options():
-            return step(*args)
-    return run
-
-
-def cpu_compile_options():
-    """Inductor's configuration patched with `CPU_COMPILE_OPTIONS` while inside. Given as
-    `torch.compile(options=...)`, freezing and the autotuned GEMMs do not take effect (torch 2.13)."""
-    return torch._inductor.config.patch(CPU_COMPILE_OPTIONS)
-
-
-# per model, the weights (address, version) its compiled CPU steps froze in
-_FROZEN: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
-
-
-def thaw_if_changed(model: torch.nn.Module) -> None:
-    """If `model`'s weights changed (in place, or replaced) since a CPU step was compiled with them frozen in,
-    drop the compiled code (`torch.compiler.reset()`, every compiled function of the process) so the next
-    step compiles with the new ones instead of running the old ones."""
-    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    if _FROZEN.get(model, weights) != weights:
-        logger.info("the model's weights changed since its decode step was compiled: recompiling")
-        torch.compiler.reset()
-    _FROZEN[model] = weights
+    return (cpu or CPUDecoding()).compile(step, model)
 
 
 @contextmanager
@@ -453,23 +347,58 @@ def fast_generate(
     kv_dtype: str | None = None,
     k_granularity: str = "token",
     output_logits: bool = False,
+    cpu: CPUDecoding | None = None,
 ) -> Generation:
     """Decode up to `max_new_tokens` after left-padded prompts `input_ids` (B, T) with `attention_mask`
     (1 = token, 0 = padding; right padding, an empty row, or prompt + max_new_tokens beyond the model's
     max_position_embeddings are refused before any work). `compile=True` compiles the decode step (implies
     static shapes; CUDA graphs on a GPU; on a CPU frozen weights and autotuned GEMMs, see `compiled`: a
     step compiled before the weights changed is dropped, not reused). `kv_dtype`: how the cache stores K/V
-    (`ProducerCache`; default the model's dtype).
+    (`ProducerCache`; default the model's dtype). `cpu`: the oneDNN and compile state on a CPU
+    (`CPUDecoding`): pass the same one to successive calls to reuse their compiled step; default a new
+    one, which reuses no step compiled before it.
     Rows that reach an EOS id are padded from then on; all finished -> stop. `output_logits`: keep the
     logits each new token was chosen from (`Generation.logits`)."""
+    real = _check_prompts(model, input_ids, attention_mask, max_new_tokens)
+    B, T = input_ids.shape
+    device = input_ids.device
+    static = static or compile
+    cache = _decode_cache(model, cache, B, T + max_new_tokens, device, static, kv_dtype, k_granularity)
+    cpu = cpu or CPUDecoding()
+    padded = not bool(real.all())
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+
+    def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return last_logits(model, cache, ids, position_ids, mask)
+
+    step = compiled(forward, device, model, cpu) if compile else forward
+
+    with attention_implementation(model, ATTENTION), cpu.linears(model, rows=B), compile_room():
+        sync(device)
+        start = time.perf_counter()
+        logits, next_pos = _prefill(forward, cache, input_ids, real, padded)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        tokens, times, kept = _decode_loop(
+            step, cache, logits, next_pos, max_new_tokens, start=start, masked=padded,
+            sample=functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     generator=generator),
+            eos=eos, pad_token_id=pad_token_id, streamer=streamer, output_logits=output_logits)
+        if streamer is not None:
+            streamer.end()
+    sequences = torch.cat([input_ids, *tokens], dim=1)  # (B, T + new)
+    decode = times[-1] - times[0] if len(times) > 1 else 0.0
+    return Generation(sequences, cache, prefill_seconds=times[0], decode_seconds=decode, step_times=times,
+                      logits=torch.stack(kept, dim=1) if output_logits else None)
+
+
+def _check_prompts(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   max_new_tokens: int) -> torch.Tensor:
+    """`fast_generate`'s checks, before any work; returns the prompts' token mask (B, T), True = token."""
     _check_model(model)
     if max_new_tokens < 1:
         raise CrossLayerError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    B, T = input_ids.shape
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    real = attention_mask.bool()
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if bool((~real[:, 1:] & real[:, :-1]).any()) or not bool(real[:, -1].all()):
         raise CrossLayerError("fast_generate needs left-padded prompts (attention_mask 0s before a row's tokens, "
                               "never after them, and no empty row); pad on the left (tokenizer.padding_side = 'left')")
@@ -478,65 +407,69 @@ def fast_generate(
     if longest + max_new_tokens > limit:
         raise CrossLayerError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                               f"max_position_embeddings ({limit}); shorten the prompt or max_new_tokens")
-    dtype = next(model.parameters()).dtype
-    static = static or compile
+    return real
+
+
+def _decode_cache(model: torch.nn.Module, cache: ProducerCache | None, batch: int, max_len: int,
+                  device: torch.device, static: bool, kv_dtype: str | None, k_granularity: str) -> ProducerCache:
+    """A new cache for `batch` x `max_len` tokens in the model's dtype, or the given one (if it fits), emptied."""
     if cache is None:
-        cache = ProducerCache(model.config, B, T + max_new_tokens, dtype, device, static=static, kv_dtype=kv_dtype,
+        dtype = next(model.parameters()).dtype
+        cache = ProducerCache(model.config, batch, max_len, dtype, device, static=static, kv_dtype=kv_dtype,
                               k_granularity=k_granularity)
-    elif cache.batch != B or cache.max_len < T + max_new_tokens or cache.static != static:
+    elif cache.batch != batch or cache.max_len < max_len or cache.static != static:
         raise CrossLayerError(f"cache is for batch {cache.batch} x {cache.max_len} tokens (static={cache.static}); "
-                              f"need {B} x {T + max_new_tokens} (static={static})")
+                              f"need {batch} x {max_len} (static={static})")
     cache.reset()
-    padded = not bool(real.all())
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+    return cache
 
-    def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return last_logits(model, cache, ids, position_ids, mask)
 
-    step = compiled(forward, device, model) if compile else forward
+def _prefill(forward: Callable, cache: ProducerCache, input_ids: torch.Tensor, real: torch.Tensor,
+             padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed the prompts (B, T) with token mask `real` into the cache in one forward; (logits of their last
+    position (B, V), the position of each row's first new token (B, 1))."""
+    T = input_ids.shape[1]
+    device = input_ids.device
+    # causal, padding keys masked, and every position sees itself (so padding rows stay finite)
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), as transformers numbers left-padded rows
+    mask = None
+    if padded:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)  # (B, 1, T, T)
+    logits = forward(input_ids, positions, mask)
+    cache.valid[:, :T] = real
+    cache.length, cache.decoding = T, True
+    return logits, positions[:, -1:] + 1  # (B, V), (B, 1)
 
-    with attention_implementation(model, ATTENTION), cpu_linears(model, rows=B), compile_room():
+
+def _decode_loop(step: Callable, cache: ProducerCache, logits: torch.Tensor, next_pos: torch.Tensor, new_tokens: int, *,
+                 start: float, masked: bool, sample: Callable, eos: torch.Tensor, pad_token_id: int, streamer,
+                 output_logits: bool) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
+    """Sample a token per row from `logits`, feed it through `step`, repeat: up to `new_tokens` tokens, fewer
+    once every row has emitted an EOS id (a row is padded after its own). Returns the new tokens (B, 1)
+    each, the wall clock after each (s since `start`) and, with `output_logits`, what each was chosen from."""
+    device = logits.device
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    tokens, times, kept = [], [], []
+    for i in range(new_tokens):
+        if output_logits:
+            kept.append(logits.clone())
+        tok = sample(logits)  # (B,)
+        if eos.numel():
+            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            finished |= torch.isin(tok, eos)
+        tokens.append(tok[:, None])
         sync(device)
-        start = time.perf_counter()
-        # prefill: causal, padding keys masked, and every position sees itself (so padding rows stay finite)
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), as transformers numbers left-padded rows
-        mask = None
-        if padded:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            mask = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)  # (B, 1, T, T)
-        logits = forward(input_ids, positions, mask)
-        cache.valid[:, :T] = real
-        cache.length, cache.decoding = T, True
-        next_pos = positions[:, -1:] + 1  # (B, 1)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        tokens = [input_ids]
-        times, kept = [], []
+        times.append(time.perf_counter() - start)
         if streamer is not None:
-            streamer.put(input_ids.cpu())
-        for i in range(max_new_tokens):
-            if output_logits:
-                kept.append(logits.clone())
-            tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos.numel():
-                tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-                finished |= torch.isin(tok, eos)
-            tokens.append(tok[:, None])
-            sync(device)
-            times.append(time.perf_counter() - start)
-            if streamer is not None:
-                streamer.put(tok.cpu())
-            if i == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
-                break
-            mask = cache.next_slot(masked=padded)
-            logits = step(tok[:, None], next_pos, mask)
-            cache.length += 1
-            next_pos = next_pos + 1
-        if streamer is not None:
-            streamer.end()
-    sequences = torch.cat(tokens, dim=1)  # (B, T + new)
-    decode = times[-1] - times[0] if len(times) > 1 else 0.0
-    return Generation(sequences, cache, prefill_seconds=times[0], decode_seconds=decode, step_times=times,
-                      logits=torch.stack(kept, dim=1) if output_logits else None)
+            streamer.put(tok.cpu())
+        if i == new_tokens - 1 or (eos.numel() and bool(finished.all())):
+            break
+        mask = cache.next_slot(masked=masked)
+        logits = step(tok[:, None], next_pos, mask)
+        cache.length += 1
+        next_pos = next_pos + 1
+    return tokens, times, kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,7 +500,7 @@ def chunked_nll(model: torch.nn.Module, stream: torch.Tensor, segment: int, chun
         raise CrossLayerError(f"the stream has {len(stream)} tokens, fewer than one segment of {segment}")
     rows = stream[:n].view(-1, segment)  # (segments, segment)
     total, count = 0.0, 0
-    with attention_implementation(model, ATTENTION), cpu_linears(model):
+    with attention_implementation(model, ATTENTION), CPUDecoding().linears(model):
         for first in range(0, len(rows), batch_size):
             batch = rows[first:first + batch_size].to(device)  # (B, segment)
             cache = ProducerCache(model.config, len(batch), segment, dtype, device, kv_dtype=kv_dtype,

@@ -48,11 +48,11 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
     if cache == "auto":
         cache = "fast" if isinstance(model, CLAForCausalLM) else "dynamic"
     if compile and cache != "fast":
-        raise CrossLayerError("--compile applies to the fast path (--cache fast, crosslayer models)")
+        raise CrossLayerError("compile applies to the fast path only (cache='fast', crosslayer models)")
     if kv_dtype not in KV_DTYPES:
         raise CrossLayerError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
     if kv_dtype != "auto" and cache != "fast":
-        raise CrossLayerError("--kv-dtype applies to the fast path (--cache fast, crosslayer models)")
+        raise CrossLayerError("kv_dtype applies to the fast path only (cache='fast', crosslayer models)")
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -101,7 +101,7 @@ def left_padded_batch(tokenizer, prompts: list[str], pad_id: int, chat: bool = F
     each row from its last token); special tokens as the tokenizer adds them, or the chat template's."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise CrossLayerError("--chat: this tokenizer has no chat template")
+            raise CrossLayerError("chat: this tokenizer has no chat template")
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=False) for p in prompts]
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

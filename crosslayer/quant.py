@@ -26,10 +26,11 @@ from typing import NamedTuple
 
 import torch
 
+from .device import EIGHT_BIT
 from .errors import CrossLayerError
 
 SCALE_DTYPE = torch.float16  # one per token and K/V head: 2 bytes beside head_dim bytes of values
-SCALE_BYTES = 2
+SCALE_BYTES = SCALE_DTYPE.itemsize
 MIN_SCALE = 2.0**-24  # the smallest float16 (subnormal): an all-zero vector still gets a valid scale
 GRANULARITIES = ("token", "channel")
 
@@ -43,10 +44,12 @@ class KVFormat:
     qmax: float
 
 
-KV_FORMATS: dict[str, KVFormat] = {
-    "int8": KVFormat("int8", torch.int8, 127.0),
-    "fp8": KVFormat("fp8", torch.float8_e4m3fn, 448.0),
-}
+def _qmax(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max)
+
+
+# device.EIGHT_BIT's formats: int8 up to 127, fp8 (float8_e4m3fn) up to 448
+KV_FORMATS: dict[str, KVFormat] = {name: KVFormat(name, dtype, _qmax(dtype)) for name, dtype in EIGHT_BIT.items()}
 
 
 class QuantizedKV(NamedTuple):
@@ -60,13 +63,6 @@ class QuantizedKV(NamedTuple):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.values, self.scale, dtype)
-
-
-def kv_format(name: str) -> KVFormat:
-    """The format of an 8-bit KV dtype name (`int8`, `fp8`)."""
-    if name not in KV_FORMATS:
-        raise CrossLayerError(f"8-bit KV dtype must be one of {', '.join(KV_FORMATS)}; got {name!r}")
-    return KV_FORMATS[name]
 
 
 def quantize(x: torch.Tensor, fmt: KVFormat, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

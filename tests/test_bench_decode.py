@@ -1,10 +1,13 @@
 import json
+import sys
+from pathlib import Path
 
 import torch
 
+import crosslayer
 from crosslayer import CLAConfig, CLAForCausalLM
 from crosslayer.__main__ import main
-from crosslayer.bench.decode import build_models, bytes_per_decode_step, measure_bandwidth
+from crosslayer.bench.decode import VLLM_RUNNER, build_models, bytes_per_decode_step, measure_bandwidth, vllm_reference
 
 
 def test_models_share_weights_and_the_cla1_copy_is_exact():
@@ -65,3 +68,50 @@ def test_cli_table_ratios_and_json(tmp_path, capsys):
     for bad in (["--modes", "fast"], ["--kv-dtypes", "int4"], ["--baselines", "vllm"],
                 ["--preset", "tiny-H32-MQA", "--repeats", "1"]):  # the last shares nothing
         assert main(["bench", "decode", *bad]) == 2, bad
+
+
+# a stand-in for vLLM's offline API: each prompt continues with its last token + 1, repeated
+FAKE_VLLM = {
+    "__init__.py": """
+__version__ = "0.0-fake"
+
+
+class SamplingParams:
+    def __init__(self, max_tokens, **kwargs):
+        self.max_tokens = max_tokens
+
+
+class _Completion:
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+
+class _Output:
+    def __init__(self, token_ids):
+        self.outputs = [_Completion(token_ids)]
+
+
+class LLM:
+    def __init__(self, model, **kwargs):
+        import os
+        assert os.path.isfile(os.path.join(model, "config.json"))
+
+    def generate(self, requests, params, use_tqdm=False):
+        return [_Output([r["prompt_token_ids"][-1] + 1] * params.max_tokens) for r in requests]
+""",
+    "inputs.py": "def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n",
+}
+
+
+def test_vllm_reference_runs_from_the_package_in_another_python(tmp_path, monkeypatch):
+    assert VLLM_RUNNER.parent == Path(crosslayer.__file__).parent / "bench"  # ships with the package, no checkout
+    (tmp_path / "vllm").mkdir()
+    for name, text in FAKE_VLLM.items():
+        (tmp_path / "vllm" / name).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    llama, _, _ = build_models("tiny-H32-MQA-CLA2", torch.device("cpu"), torch.float32, 64)
+    prompts = {1: torch.tensor([[5, 6, 7]]), 2: torch.tensor([[1, 2, 3], [4, 5, 9]])}
+    result = vllm_reference(llama, prompts, new_tokens=3, repeats=2, python=sys.executable)
+    assert result["version"] == "0.0-fake"
+    assert result[1]["tokens"] == [[8, 8, 8]] and result[2]["tokens"] == [[4, 4, 4], [10, 10, 10]]
+    assert len(result[2]["tokens_per_s_all"]) == 2 and result[2]["tokens_per_s"] > 0 and result[2]["dtype"] == "float32"

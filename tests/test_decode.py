@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError, decode
-from crosslayer.decode import ProducerCache, cpu_linears, fast_generate, packed_linear, sample_next
+from crosslayer import CLAConfig, CLAForCausalLM, CrossLayerError, cpu_decode
+from crosslayer.cpu_decode import CPUDecoding
+from crosslayer.decode import ProducerCache, fast_generate, sample_next
 from crosslayer.kv import cache_nbytes
 from tests.conftest import tiny_config
 
@@ -151,7 +155,7 @@ def test_compiled_decode_step_equals_eager(monkeypatch):
     eager = eager.sequences
     # the compiled CPU step freezes the weights in: changed in place, they must be seen, not the frozen ones
     # (recompiled without autotuning the GEMMs, which only costs the test time here)
-    monkeypatch.setitem(decode.CPU_COMPILE_OPTIONS, "max_autotune", False)
+    monkeypatch.setitem(cpu_decode.CPU_COMPILE_OPTIONS, "max_autotune", False)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
         model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
@@ -166,11 +170,12 @@ def test_cpu_linears_equal_torchs_linear_on_both_paths():
         x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
         expected = x.double() @ w.double().T + b.double()  # a plain matmul in double precision
         for bias in (b, None):
-            with cpu_linears(torch.nn.Module(), rows=rows):
-                out = packed_linear(x, w, bias)
+            with CPUDecoding().linears(torch.nn.Module(), rows=rows) as cpu:
+                out = cpu.packed_linear(x, w, bias)
             torch.testing.assert_close(out.double(), expected - (0 if bias is not None else b.double()),
                                        rtol=1e-4, atol=1e-4)
-    with cpu_linears(torch.nn.Module()):  # a weight changed in place is packed again, not read from the old pack
+    with CPUDecoding().linears(torch.nn.Module()) as cpu:  # a weight changed in place is packed again
+        packed_linear = cpu.packed_linear
         x, w = torch.randn(9, 32), torch.randn(48, 32)
         before = packed_linear(x, w, None)
         w.mul_(2)
@@ -179,7 +184,31 @@ def test_cpu_linears_equal_torchs_linear_on_both_paths():
     for ids in (torch.randint(1, 211, (2, 9)), torch.randint(1, 211, (1, 1))):  # oneDNN (18 rows); torch (1 row)
         with torch.no_grad():
             plain = model(ids).logits
-            with cpu_linears(model):
+            with CPUDecoding().linears(model):
                 routed = model(ids).logits
         torch.testing.assert_close(routed, plain, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(model.lm_head)  # restored afterwards
+
+
+def test_importing_registers_nothing_and_each_caller_owns_its_packed_weights():
+    # a fresh interpreter: the attention kernel and the op appear at their first use, not at import
+    code = ("import torch, crosslayer.decode\n"
+            "from transformers import AttentionInterface\n"
+            "print('crosslayer_decode' in AttentionInterface._global_mapping,\n"
+            "      hasattr(torch.ops.crosslayer, 'packed_linear'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    model = _model(cla_factor=2)
+    x, w = torch.randn(9, 32), torch.randn(48, 32)
+    first, second = CPUDecoding(), CPUDecoding()
+    with torch.no_grad(), first.linears(model, rows=9):
+        expected = x @ w.T
+        torch.testing.assert_close(torch.ops.crosslayer.packed_linear(x, w, None), expected, rtol=1e-5, atol=1e-5)
+        assert len(first.packed) == 1  # the op packed into the object whose block runs
+        with second.linears(torch.nn.Module()):
+            torch.ops.crosslayer.packed_linear(x, w, None)
+            assert len(second.packed) == 1 and len(first.packed) == 1
+        assert not second.packed  # freed on the way out
+        torch.ops.crosslayer.packed_linear(x, w, None)
+        assert len(first.packed) == 1  # back to the outer block's pack, not packed again
+    assert not first.packed

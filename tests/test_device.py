@@ -22,7 +22,8 @@ def test_dtype_tables_agree_with_torch():
         assert dtype_by_name(long) == getattr(torch, long)
         assert ELEMENT_BYTES[long] == getattr(torch, long).itemsize
     assert {dtype_name(d) for d in DTYPES.values()} == set(DTYPES)
-    assert kv_storage_dtype("int8", torch.float32) == torch.int8 and kv_storage_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert kv_storage_dtype("int8", torch.float32) == torch.int8
+    assert kv_storage_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert ELEMENT_BYTES["fp8"] == 1 and set(KV_DTYPES) >= {"auto", "fp32", "bf16", "fp16", "int8", "fp8"}
     with pytest.raises(CrossLayerError, match="kv_dtype must be one of"):
         kv_storage_dtype("int4", torch.float32)

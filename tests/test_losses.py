@@ -102,7 +102,8 @@ def test_head_loss_module_equals_the_models_own_cross_entropy():
 
 
 def test_offline_teacher_store_holds_the_teachers_top_k(tmp_path):
-    """What the store keeps equals the teacher's own full logits' top-k; a second open reuses it; another teacher is refused."""
+    """What the store keeps equals the teacher's own full logits' top-k; a second open reuses it; another
+    teacher is refused."""
     import numpy as np
 
     from crosslayer import CLAForCausalLM

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM, PreTrainedConfig
 from transformers.cache_utils import DummyLayer, QuantizedCache
 
-from crosslayer import CLAConfig, CLAForCausalLM
+from crosslayer import CLAConfig, CLAForCausalLM, cpu_decode
 from crosslayer import decode as decode_module
 from crosslayer.config import to_llama_config
 from crosslayer.convert import from_hf
@@ -163,7 +163,7 @@ def _teacher_forced_logits(model, prompt, tokens, kv_dtype, compile):
 
 
 def test_8bit_decoding_is_the_same_eager_static_and_compiled(monkeypatch):
-    monkeypatch.setitem(decode_module.CPU_COMPILE_OPTIONS, "max_autotune", False)  # GEMM autotuning only costs time here
+    monkeypatch.setitem(cpu_decode.CPU_COMPILE_OPTIONS, "max_autotune", False)  # GEMM autotuning only costs time here
     model = CLAForCausalLM(tiny_config(cla_factor=2, attn_implementation="sdpa")).eval()
     ids = torch.randint(0, 211, (2, 7))
     prompt, tokens = ids, torch.randint(0, 211, (2, 10))
@@ -226,8 +226,10 @@ def test_quantized_cache_cla1_copy_equals_llama_and_cla2_stores_producers_only(b
     plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("cache_")}
     shared = cla2.generate(ids, cache=quantized_cache(cla2.config, backend, **options), **plain_kwargs)
     producers = set(cla2.config.producer_layers)
-    assert [i for i, layer in enumerate(getattr(shared, CACHE_NAME).layers) if not isinstance(layer, DummyLayer)] == sorted(producers)
-    assert cache_nbytes(getattr(shared, CACHE_NAME)) * 2 == cache_nbytes(getattr(copy, CACHE_NAME)) > 0  # 3 producers of 6 hold what 6 layers did
+    assert [i for i, layer in enumerate(getattr(shared, CACHE_NAME).layers)
+            if not isinstance(layer, DummyLayer)] == sorted(producers)
+    # 3 producers of 6 hold what 6 layers did
+    assert cache_nbytes(getattr(shared, CACHE_NAME)) * 2 == cache_nbytes(getattr(copy, CACHE_NAME)) > 0
     # transformers' own QuantizedCache, every slot a quantised layer (consumers just never write theirs)
     plain = QuantizedCache(backend, PreTrainedConfig(num_hidden_layers=6), **options)
     unshared = cla2.generate(ids, cache=plain, **plain_kwargs)

@@ -12,12 +12,12 @@ decodes the same random prompts greedily for a fixed number of tokens (no early 
     forward for the decode steps (`CompileConfig()` defaults; the path transformers documents for
     speed; on a CPU `generate` compiles only when told to, `CompileConfig._compile_all_devices`);
   - transformers `static-compiled-tuned` (a CPU only): the same, compiled with the inductor options our
-    compiled CPU step uses (`crosslayer.decode.CPU_COMPILE_OPTIONS`, patched in around the call), so a
+    compiled CPU step uses (`crosslayer.cpu_decode.CPU_COMPILE_OPTIONS`, patched in around the call), so a
     gain of ours that the options alone give shows as such;
   - ours `eager` / `compiled`: `crosslayer.decode.fast_generate` (producer-only preallocated cache;
     `compiled` puts the decode step under `torch.compile`), for each KV dtype asked (e.g. `int8`);
   - vLLM (with `vllm_python`, a Python that has vLLM): its offline engine on the same Llama, in
-    that Python (`scripts/vllm_decode_reference.py`); end-to-end tokens/s only.
+    that Python (`crosslayer/bench/vllm_decode.py`); end-to-end tokens/s only.
 Times come from a streamer that stamps each new token, so prefill latency (prompt in, first token
 out), decode tokens/s (after the first token) and end-to-end tokens/s (all new tokens over the
 whole call, prefill included) are separated inside one call, the same way for all.
@@ -42,7 +42,8 @@ import torch
 
 from ..config import CLAConfig, to_llama_config
 from ..convert import from_hf, load_source, target_config
-from ..decode import cpu_compile_options, fast_generate
+from ..cpu_decode import CPUDecoding, cpu_compile_options
+from ..decode import fast_generate
 from ..device import device_name, sync
 from ..errors import CrossLayerError
 from ..kv import kv_bytes_per_token
@@ -50,7 +51,8 @@ from .memory import kv_dtype_name, weight_bytes
 
 TRANSFORMERS_PATHS = ("generate", "static-compiled", "static-compiled-tuned")
 DEFAULT_BASELINES = ("generate", "static-compiled")
-VLLM_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_decode_reference.py"
+# run by its path in vLLM's Python, which need not have crosslayer installed
+VLLM_RUNNER = Path(__file__).resolve().with_name("vllm_decode.py")
 
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
@@ -118,10 +120,11 @@ def _hf_runner(model, ids: torch.Tensor, new_tokens: int, path: str = "generate"
     return run
 
 
-def _our_runner(model, ids: torch.Tensor, new_tokens: int, compile: bool, kv_dtype: str = "auto"):
+def _our_runner(model, ids: torch.Tensor, new_tokens: int, compile: bool, cpu: CPUDecoding, kv_dtype: str = "auto"):
     def run() -> tuple[list[float], torch.Tensor]:
         clock = StepClock(ids.device)
-        out = fast_generate(model, ids, max_new_tokens=new_tokens, compile=compile, streamer=clock, kv_dtype=kv_dtype)
+        out = fast_generate(model, ids, max_new_tokens=new_tokens, compile=compile, streamer=clock, kv_dtype=kv_dtype,
+                            cpu=cpu)
         return clock.stamps, out.sequences
     return run
 
@@ -160,21 +163,19 @@ def vllm_reference(llama, prompts: dict[int, torch.Tensor], new_tokens: int, rep
     with vLLM installed): per batch size, end-to-end tokens/s and the greedy tokens."""
     from transformers import LlamaForCausalLM
 
-    if not VLLM_SCRIPT.is_file():
-        raise CrossLayerError(f"the vLLM reference needs {VLLM_SCRIPT} (a crosslayer checkout)")
     with tempfile.TemporaryDirectory(prefix="crosslayer-vllm-") as tmp:
         plain = LlamaForCausalLM(llama.config)  # a checkpoint read from GGUF refuses save_pretrained
         plain.load_state_dict(llama.state_dict())
         plain.to(torch.float32).save_pretrained(tmp)
-        requests = Path(tmp) / "prompts.json"
-        requests.write_text(json.dumps({str(b): ids.tolist() for b, ids in prompts.items()}))
-        proc = subprocess.run([python, str(VLLM_SCRIPT), tmp, "--prompts", str(requests), "--new-tokens",
-                               str(new_tokens), "--repeats", str(repeats)], capture_output=True, text=True,
+        out = Path(tmp) / "result.json"
+        request = {"model": tmp, "prompts": {str(b): ids.tolist() for b, ids in prompts.items()},
+                   "new_tokens": new_tokens, "repeats": repeats, "dtype": "float32", "out": str(out)}
+        proc = subprocess.run([python, str(VLLM_RUNNER)], input=json.dumps(request), capture_output=True, text=True,
                               timeout=timeout)
+        result = json.loads(out.read_text()) if proc.returncode == 0 else None
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise CrossLayerError(f"the vLLM reference run failed ({python}):\n{tail}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     return {int(b): r for b, r in result["batches"].items()} | {"version": result["vllm"]}
 
 
@@ -183,6 +184,7 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
                kv_dtypes: list[str] = ("auto",), vllm_python: str | None = None) -> dict:
     """Time every runner at every batch size; `models` is `build_models(...)`'s triple."""
     llama, cla1, cla = models
+    cpu = CPUDecoding()  # one for the run: each model's compiled steps stay compiled
     bandwidth = measure_bandwidth(device)
     context = prompt_len + new_tokens / 2  # mean context over the decode steps
     rows, checks, prompts, references = [], {}, {}, {}
@@ -196,8 +198,8 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
         for mode in modes:
             for kv_dtype in kv_dtypes:
                 for label, model in (("CLA1", cla1), (preset, cla)):
-                    runners[(label, mode, kv_dtype)] = (_our_runner(model, ids, new_tokens, mode == "compiled", kv_dtype),
-                                                        model)
+                    runner = _our_runner(model, ids, new_tokens, mode == "compiled", cpu, kv_dtype)
+                    runners[(label, mode, kv_dtype)] = (runner, model)
         prefill: dict = {k: [] for k in runners}
         decode: dict = {k: [] for k in runners}
         total: dict = {k: [] for k in runners}
@@ -279,10 +281,12 @@ def profile_decode(models: tuple, batch: int, prompt_len: int, new_tokens: int, 
     ids = torch.randint(0, cla1.config.vocab_size, (batch, prompt_len), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [("transformers", _hf_runner(llama, ids, new_tokens)), ("ours-eager", _our_runner(cla1, ids, new_tokens, False))]
+    cpu = CPUDecoding()
+    runs = [("transformers", _hf_runner(llama, ids, new_tokens)),
+            ("ours-eager", _our_runner(cla1, ids, new_tokens, False, cpu))]
     if compile:
         runs += [("transformers-static-compiled", _hf_runner(llama, ids, new_tokens, "static-compiled")),
-                 ("ours-compiled", _our_runner(cla1, ids, new_tokens, True))]
+                 ("ours-compiled", _our_runner(cla1, ids, new_tokens, True, cpu))]
     paths = []
     for name, run in runs:
         run()

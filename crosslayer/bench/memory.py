@@ -29,15 +29,8 @@ from typing import Any
 import torch
 
 from ..config import CLAConfig
-from ..decode import (
-    ATTENTION,
-    ProducerCache,
-    attention_implementation,
-    compile_room,
-    compiled,
-    cpu_linears,
-    last_logits,
-)
+from ..cpu_decode import CPUDecoding
+from ..decode import ATTENTION, ProducerCache, attention_implementation, compile_room, compiled, last_logits
 from ..device import dtype_name, kv_storage_dtype, pick_dtype, sync
 from ..errors import CrossLayerError
 from ..kv import cache_nbytes, kv_bytes_per_token
@@ -113,7 +106,7 @@ def _one_decode_step(model: CLAForCausalLM, batch: int, context: int, kv_dtype: 
     cache.length, cache.decoding = context - 1, True
     ids = torch.zeros(batch, 1, dtype=torch.long, device=param.device)
     positions = torch.full((batch, 1), context - 1, device=param.device)
-    with attention_implementation(model, ATTENTION), cpu_linears(model):
+    with attention_implementation(model, ATTENTION), CPUDecoding().linears(model):
         last_logits(model, cache, ids, positions, cache.next_slot(masked=True))
 
 
@@ -162,10 +155,10 @@ def _fits(model: CLAForCausalLM, context: int, budget: int, kv_dtype: str = "aut
 
 @torch.no_grad()
 def decode_throughput(model: CLAForCausalLM, batch: int, context: int, new_tokens: int, kv_dtype: str = "auto",
-                      compile: bool = False) -> float:
+                      compile: bool = False, cpu: CPUDecoding | None = None) -> float:
     """Greedy decode tokens/s (summed over the batch) of `new_tokens` steps after `context - new_tokens`
     tokens of random K/V written into a `batch`-row cache (the work of a decode step does not depend
-    on the values it reads)."""
+    on the values it reads). `cpu`: the oneDNN and compile state on a CPU (default a new one)."""
     param = next(model.parameters())
     config, device = model.config, param.device
     prompt = context - new_tokens
@@ -185,8 +178,9 @@ def decode_throughput(model: CLAForCausalLM, batch: int, context: int, new_token
     def step(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return last_logits(model, cache, ids, position_ids, mask)
 
-    run = compiled(step, device, model) if compile else step
-    with attention_implementation(model, ATTENTION), cpu_linears(model, rows=batch), compile_room():
+    cpu = cpu or CPUDecoding()
+    run = compiled(step, device, model, cpu) if compile else step
+    with attention_implementation(model, ATTENTION), cpu.linears(model, rows=batch), compile_room():
         for i in range(new_tokens):
             if i == 1:  # the first step (compilation, first touches) is not timed
                 sync(device)
@@ -209,6 +203,7 @@ def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], 
     if decode_tokens == 1 or (decode_tokens and decode_tokens >= min(contexts)):
         raise CrossLayerError(f"decode_tokens must be >= 2 and smaller than every context length, got {decode_tokens}")
     rows, capacity = [], []
+    cpu = CPUDecoding()  # one for the run: each model's compiled steps stay compiled
     for preset in presets:
         model, weights = build_model(preset, torch_dtype, device, max(contexts))
         for kv_dtype in kv_dtypes:
@@ -229,7 +224,7 @@ def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], 
                 if found:
                     entry["allocated_bytes"] = allocation_bytes(model, found, t, kv_dtype, weights)
                 if decode_tokens and found:
-                    entry["decode_tokens_per_s"] = decode_throughput(model, found, t, decode_tokens, kv_dtype, compile)
+                    entry["decode_tokens_per_s"] = decode_throughput(model, found, t, decode_tokens, kv_dtype, compile, cpu)
                 capacity.append(entry)
         del model
     return {"benchmark": "memory", "device": str(device), "dtype": dtype, "torch": torch.__version__,
