@@ -34,9 +34,9 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from .calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, Calibration, read_calibration
+from .calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, Calibration, read_calibration, resolve_compute_dtype
 from .config import MODEL_FIELDS, CLAConfig, describe, kv_groups, load_config, validate_kv_sources
-from .device import dtype_by_name
+from .device import dtype_by_name, dtype_name
 from .errors import CrossLayerError
 from .loading import copy_tokenizer_files, load_tokenizer, quiet_transformers, read_source_config, split_model_spec
 from .modeling import CLAForCausalLM
@@ -346,7 +346,7 @@ def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
         raise CrossLayerError("kv_init 'fit' needs calibration tokens (a (B, T) tensor of token ids)")
     if not isinstance(calibration, Calibration):
         calibration = Calibration(dense, calibration, batch_size=batch_size)
-    elif calibration.dense is not dense:
+    elif calibration.dense is not dense and calibration.model is not dense:
         raise CrossLayerError("share_kv: the Calibration given was computed on another model; give its dense model")
     kv = {p: calibration.fit(members) if len(members) > 1 else pooled_kv(dense, members, "first")
           for p, members in groups.items()}
@@ -371,7 +371,8 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
             kv_init: str = "mean", dtype: str = "auto", gguf_file: str | None = None,
             kv_sources: list[int] | None = None, plan: str | Path | None = None, search: PlanSearch | None = None,
             calibration: str | None = None, calibration_tokens: int | None = None,
-            calibration_seq_len: int | None = None, progress: bool = False) -> dict[str, Any]:
+            calibration_seq_len: int | None = None, compute_dtype: str = "auto",
+            progress: bool = False) -> dict[str, Any]:
     """Convert the checkpoint `src` (folder, hub id or GGUF file) into a new CLA model folder `out`;
     returns a summary.
 
@@ -380,7 +381,8 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     `crosslayer.plan.Searcher(producers=15)`), run on the calibration activations. `calibration` (a
     text file or glob, or a folder made by `crosslayer prepare` with this model's tokenizer) is read
     for `kv_init="fit"` and for a search: `calibration_tokens` tokens in sequences of
-    `calibration_seq_len`.
+    `calibration_seq_len`. `compute_dtype` (auto, fp32, bf16; calibration.resolve_compute_dtype) is what
+    the calibration activations and a search's plans are computed in; the weights written are `dtype`.
 
     `out` must not exist (or be an empty folder): nothing is ever overwritten. The model is built in
     memory first (every check runs before anything is written), then saved to a temporary folder
@@ -393,6 +395,7 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CrossLayerError(f"{out} already exists and is not an empty folder; choose a new one (nothing is overwritten)")
     out_dtype = None if dtype == "auto" else dtype_by_name(dtype)
+    work_dtype = resolve_compute_dtype(compute_dtype)  # the CPU's, checked before any weight is read
     if kv_init not in KV_INITS:
         raise CrossLayerError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
     location, gguf_file = split_model_spec(src, gguf_file)
@@ -414,7 +417,7 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
 
     # 2. the model, in memory (a search chooses its plan now)
     source = load_source(location, gguf_file)
-    model, search_result = _build(source, raw, config, search, kv_init, tokens, progress)
+    model, search_result = _build(source, raw, config, search, kv_init, tokens, work_dtype, progress)
     model = model.to(out_dtype or next(source.parameters()).dtype).eval()
     config = model.config
     shares = search is not None or config.num_producer_layers < n
@@ -424,7 +427,7 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         "kv_fraction": config.kv_bytes_per_token() / before.kv_bytes_per_token(),
         "chosen_by": _chosen_by(config, search, plan), "kv_init": kv_init if shares else "copy", "source": str(src),
         "calibration": None if tokens is None else {"data": calibration, "tokens": tokens.numel(),
-                                                    "seq_len": tokens.shape[1]},
+                                                    "seq_len": tokens.shape[1], "compute_dtype": dtype_name(work_dtype)},
         "search": None if search_result is None else {k: v for k, v in search_result.items() if k != "kv_sources"},
     }
 
@@ -477,13 +480,14 @@ def _needs_calibration(config: CLAConfig | None, search: PlanSearch | None, kv_i
 
 
 def _build(source: nn.Module, raw: dict[str, Any], config: CLAConfig | None, search: PlanSearch | None,
-           kv_init: str, tokens: torch.Tensor | None, progress: bool) -> tuple[CLAForCausalLM, dict[str, Any] | None]:
+           kv_init: str, tokens: torch.Tensor | None, compute_dtype: torch.dtype,
+           progress: bool) -> tuple[CLAForCausalLM, dict[str, Any] | None]:
     """The converted model (K/V maps in fp32, the rest in the source's dtype) and, when `search` chooses the
-    plan on the calibration `tokens`, the search's result."""
+    plan on the calibration `tokens`, the search's result; activations in `compute_dtype`."""
     dense = dense_copy(source)
     if config is not None and config.num_producer_layers == config.num_hidden_layers:
         return dense, None
-    activations = None if tokens is None else Calibration(dense, tokens, progress=progress)
+    activations = None if tokens is None else Calibration(dense, tokens, progress=progress, compute_dtype=compute_dtype)
     result = None
     if search is not None:
         result = search(activations)

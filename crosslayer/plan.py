@@ -57,65 +57,82 @@ def producers_for_budget(kv_budget: float, num_layers: int) -> int:
 
 
 class Reference(Calibration):
-    """Calibration activations (calibration.Calibration) plus the original model's next-token probabilities
-    (fp16), so a plan run from any layer is scored by its KL divergence to the original."""
+    """Calibration activations (calibration.Calibration) plus the original model's output on them, so a plan
+    run from any layer is scored by its KL divergence to the original.
 
-    def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4,
-                 progress: bool = False) -> None:
-        super().__init__(dense, tokens, batch_size, progress)
-        self.probs: list[torch.Tensor] = []  # per chunk (b*T, V) fp16: the original next-token probabilities
-        self.neg_entropy = 0.0  # sum over tokens of sum p log p, of the stored probabilities
+    Kept per token, in fp32: the original normed final state h0, its logits z0 = W h0 (+ bias), and p @ W
+    of its next-token probabilities p. A plan's logits are then z0 + W (h - h0): only the (small)
+    difference goes through the output layer in the compute dtype, so a bf16 one rounds the difference,
+    not logits of magnitude 10-30 (bf16 rounds those by up to 0.06), and the dense plan costs exactly 0.
+    Every sum over the vocabulary is taken in fp32, HEAD_ROWS tokens at a time."""
+
+    def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                 compute_dtype: torch.dtype | None = None, compute_model: CLAForCausalLM | None = None) -> None:
+        super().__init__(dense, tokens, batch_size, progress, compute_dtype, compute_model)
+        head = self.model.lm_head
+        weight = head.weight.detach().float()  # (V, d)
+        self.states: list[torch.Tensor] = []  # per chunk (b*T, d) fp32: the original normed final states h0
+        self.logits: list[torch.Tensor] = []  # per chunk (b*T, V) fp32: z0
+        self.targets: list[torch.Tensor] = []  # per chunk (b*T, d) fp32: p @ W
+        self.mass: list[torch.Tensor] = []  # per chunk (b*T,) fp32: sum p (1 up to rounding)
+        self.constant = 0.0  # sum over tokens of sum p log p - sum p z0
         with torch.no_grad():
             for x in self.hidden[-1]:
-                probs, neg_entropy = self._probs(x)
-                self.probs.append(probs)
-                self.neg_entropy += neg_entropy
+                h = self.model.model.norm(x.flatten(0, 1)).float()  # (b*T, d)
+                z = F.linear(h, weight, None if head.bias is None else head.bias.float())  # (b*T, V)
+                targets, mass = [], []
+                for i in range(0, z.shape[0], HEAD_ROWS):
+                    p = F.softmax(z[i : i + HEAD_ROWS], dim=-1)  # (rows, V)
+                    self.constant += (torch.special.xlogy(p, p) - p * z[i : i + HEAD_ROWS]).sum().item()
+                    targets.append(p @ weight)  # (rows, d)
+                    mass.append(p.sum(-1))
+                self.states.append(h)
+                self.logits.append(z)
+                self.targets.append(torch.cat(targets))
+                self.mass.append(torch.cat(mass))
 
-    def _logits(self, x: torch.Tensor):
-        """Logits of the final hidden states x (b, T, d), HEAD_ROWS tokens at a time: (start, (rows, V) fp32)."""
-        flat = x.flatten(0, 1)  # (b*T, d)
-        for i in range(0, flat.shape[0], HEAD_ROWS):
-            yield i, self.dense.lm_head(self.dense.model.norm(flat[i : i + HEAD_ROWS])).float()
-
-    def _probs(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The original next-token probabilities (b*T, V) in fp16, and sum p log p of those stored values."""
-        out = torch.empty(x.shape[0] * x.shape[1], self.config.vocab_size, dtype=torch.float16, device=x.device)
-        neg_entropy = 0.0
-        for i, logits in self._logits(x):
-            p = F.softmax(logits, dim=-1).half()
-            out[i : i + p.shape[0]] = p
-            p = p.float()
-            neg_entropy += torch.special.xlogy(p, p).sum().item()
-        return out, neg_entropy
+    def _head(self, final: list[torch.Tensor]):
+        """Per HEAD_ROWS tokens of a run's final hidden states (per chunk (b, T, d)): (chunk index, rows, h - h0
+        (rows, d) fp32, logits (rows, V) fp32)."""
+        weight = self.model.lm_head.weight
+        for c, x in enumerate(final):
+            flat = x.flatten(0, 1)  # (b*T, d)
+            for i in range(0, flat.shape[0], HEAD_ROWS):
+                rows = slice(i, i + HEAD_ROWS)
+                diff = self.model.model.norm(flat[rows]).float() - self.states[c][rows]  # (rows, d)
+                yield c, rows, diff, self.logits[c][rows] + F.linear(diff.to(weight.dtype), weight).float()
 
     def kl(self, final: list[torch.Tensor]) -> float:
         """Mean KL(original || model) in nats per token, of the model whose last layer gave `final`.
 
-        With p the stored original probabilities and z the model's logits, KL = sum p log p - sum p z +
-        (sum p) logsumexp(z): one pass over the vocabulary per token besides the output layer."""
-        total = self.neg_entropy
+        With p the original probabilities and z = z0 + W (h - h0) the model's logits, KL = sum p log p -
+        sum p z + (sum p) logsumexp(z), and sum p z = sum p z0 + (h - h0) . (p @ W): one logsumexp over
+        the vocabulary per token besides the output layer."""
+        total = self.constant
         with torch.no_grad():
-            for x, probs in zip(final, self.probs, strict=True):
-                for i, z in self._logits(x):
-                    p = probs[i : i + z.shape[0]].float()  # (rows, V)
-                    total += (p.sum(-1) * torch.logsumexp(z, -1) - (p * z).sum(-1)).sum().item()
+            for c, rows, diff, z in self._head(final):
+                total += (self.mass[c][rows] * torch.logsumexp(z, -1) - (diff * self.targets[c][rows]).sum(-1)).sum().item()
         return total / self.num_tokens
 
     def loss(self, final: list[torch.Tensor]) -> float:
-        """Mean next-token cross-entropy (nats) of the model whose last layer gave `final`, within each sequence."""
+        """Mean next-token cross-entropy (nats) of the model whose last layer gave `final`, within each sequence
+        (every position but the last of a sequence)."""
         total, count = 0.0, 0
+        following = [torch.cat([c[:, 1:], torch.full_like(c[:, :1], -1)], 1).flatten() for c in self.chunks]  # -1: none
         with torch.no_grad():
-            for x, chunk in zip(final, self.chunks, strict=True):
-                logits = self.dense.lm_head(self.dense.model.norm(x[:, :-1])).float()  # (b, T-1, V)
-                total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
-                count += chunk[:, 1:].numel()
+            for c, rows, _, z in self._head(final):
+                target = following[c][rows]
+                keep = target >= 0
+                z = z[keep]
+                total += (torch.logsumexp(z, -1) - z.gather(1, target[keep, None])[:, 0]).sum().item()
+                count += int(keep.sum())
         return total / count
 
     def run(self, kv_sources: list[int], start: int = 0, hidden: list[torch.Tensor] | None = None,
             keep_hidden: bool = False, kv_init: str = "fit") -> Run:
         """Run plan `kv_sources` (its K/V maps by `kv_init`, see convert.share_kv) on the calibration tokens
         from layer `start` on, given `hidden` there (`Calibration.run_layers`)."""
-        model = share_kv(self.dense, sharing_config(self.config, kv_sources), kv_init, self)
+        model = share_kv(self.model, sharing_config(self.config, kv_sources), kv_init, self)
         return self.run_layers(model, start, hidden, keep_hidden)
 
     def cost(self, kv_sources: list[int], start: int = 0, hidden: list[torch.Tensor] | None = None,
@@ -295,7 +312,8 @@ class Searcher:
     def __call__(self, calibration: Calibration) -> dict[str, Any]:
         producers = self.check(calibration.config.num_hidden_layers)
         tokens = calibration.tokens[: max(1, self.search_tokens // calibration.tokens.shape[1])]  # (rows, T)
-        reference = Reference(calibration.dense, tokens, progress=self.progress)
+        reference = Reference(calibration.dense, tokens, progress=self.progress,  # in the calibration's compute dtype
+                              compute_dtype=calibration.compute_dtype, compute_model=calibration.model)
         result = search(reference, producers, self.metric, progress=self.progress)
         return {**result, "search_tokens": tokens.numel()}
 

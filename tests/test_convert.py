@@ -552,13 +552,13 @@ def test_cli_plan_search_writes_a_plan_a_later_conversion_reads(tmp_path, qwen2_
     out = tmp_path / "searched"
     assert main(["convert", str(qwen2_folder), "--out", str(out), "--plan", "search", "--kv-budget", "0.5",
                  "--calibration", str(calibration_text), "--calibration-tokens", "256", "--calibration-seq-len",
-                 "64", "--search-tokens", "128", "--no-progress", "--json"]) == 0
+                 "64", "--search-tokens", "128", "--compute-dtype", "bf16", "--no-progress", "--json"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(printed.strip().splitlines()[-1])
     plan = json.loads((out / "plan.json").read_text())
     assert plan["producers"] == 2 and len(set(plan["kv_sources"])) == 2 and plan["chosen_by"] == "search"
     assert plan["kv_init"] == "fit" and plan["calibration"] == {"data": str(calibration_text), "tokens": 256,
-                                                                 "seq_len": 64}
+                                                                 "seq_len": 64, "compute_dtype": "bf16"}
     assert json.loads((out / "config.json").read_text())["kv_sources"] == plan["kv_sources"] == result["kv_sources"]
     assert "plan search" in printed and "merge layer" in printed and plan["plan"] in printed
     steps = plan["search"]["steps"]
@@ -568,7 +568,7 @@ def test_cli_plan_search_writes_a_plan_a_later_conversion_reads(tmp_path, qwen2_
     again = tmp_path / "again"
     assert main(["convert", str(qwen2_folder), "--out", str(again), "--plan", str(out / "plan.json"), "--calibration",
                  str(calibration_text), "--calibration-tokens", "256", "--calibration-seq-len", "64",
-                 "--no-progress"]) == 0
+                 "--compute-dtype", "bf16", "--no-progress"]) == 0
     a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / "plan.json").read_text())["chosen_by"] == f"plan file {out / 'plan.json'}"

@@ -21,7 +21,7 @@ _fraction.type_name = "number in (0, 1]"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
+    from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, COMPUTE_DTYPES
     from ..config import CLA_PATTERNS
     from ..convert import KV_INITS
     from ..device import DTYPE_CHOICES
@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-tokens", type=positive_int, default=None,
                    help=f"plan search: score plans on the first this many calibration tokens (default: {SEARCH_TOKENS}; "
                         "the final fit uses all of --calibration-tokens)")
+    p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
+                   help="calibration activations and plan search run in this dtype (auto: bf16 on CUDA or on a CPU "
+                        "with bf16 matrix units, else fp32); plan costs and the K/V fit are summed in fp32/fp64; "
+                        "OUT's weights follow --dtype")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights of OUT (auto: the source's)")
     add_progress_flag(p)
     add_json_flags(p)
@@ -88,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
     s = convert(args.src, args.out, args.cla_factor, args.cla_pattern, args.kv_init, args.dtype,
                 gguf_file=args.gguf_file, plan=None if searching else args.plan, search=search,
                 calibration=args.calibration, calibration_tokens=args.calibration_tokens,
-                calibration_seq_len=args.calibration_seq_len, progress=not args.no_progress)
+                calibration_seq_len=args.calibration_seq_len, compute_dtype=args.compute_dtype,
+                progress=not args.no_progress)
     n = s["layers"]
     print(f"source            {s['source']} ({s['architecture']}, {n} layers)")
     if s["calibration"]:
         c = s["calibration"]
         print(f"calibration       {c['tokens']:,} tokens ({c['tokens'] // c['seq_len']} x {c['seq_len']}) of "
-              f"{c['data']}")
+              f"{c['data']}, computed in {c['compute_dtype']}")
     if s["search"]:
         r = s["search"]
         unit = "nats/token KL to the original" if r["metric"] == "kl" else "nats/token loss above the original's"
