@@ -20,14 +20,61 @@ Each loss is the mean over rows.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 # rows per chunk: enough that the output layer's GEMM runs at the matrix units' pace, few enough that one
-# chunk's fp32 logits stay a small fraction of memory (512 rows x 49,152 tokens = 96 MiB)
+# chunk's logits stay a small fraction of memory (512 rows x 49,152 tokens = 96 MiB in fp32)
 CHUNK_ROWS = 512
+# vocabularies from this size up get the per-chunk softmax, loss and gradient as one compiled (fused) kernel:
+# eager, each of its ~10 vocabulary-wide steps is a pass over memory; below it compiling costs more than it saves
+FUSE_MIN_VOCAB = 8192
+
+
+# The per-chunk math: logits z (n, V) in the compute dtype -> (summed loss in fp32, d loss / d z in z's dtype),
+# computed in fp32 in between.
+# Written as plain tensor code so that torch.compile fuses each into a kernel or two.
+
+
+def next_token_math(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype, z = z.dtype, z.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    loss = (lse.squeeze(1) - z.gather(1, ids[:, None]).squeeze(1)).sum()
+    grad = torch.exp(z - lse).scatter_add(1, ids[:, None], torch.full_like(lse, -1.0))  # softmax - onehot
+    return loss, grad.to(dtype)
+
+
+def teacher_logits_math(z: torch.Tensor, y: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    zs, ys = z.float() / temperature, y.float() / temperature
+    lse_z, lse_y = torch.logsumexp(zs, dim=-1, keepdim=True), torch.logsumexp(ys, dim=-1, keepdim=True)
+    p, q = torch.exp(ys - lse_y), torch.exp(zs - lse_z)
+    # KL(p || q) = sum p (ys - lse_y - zs + lse_z) = sum p (ys - zs) + lse_z - lse_y, since sum p = 1
+    loss = ((p * (ys - zs)).sum() + (lse_z - lse_y).sum()) * temperature**2
+    return loss, ((q - p) * temperature).to(z.dtype)
+
+
+def teacher_top_k_math(z: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
+                       log_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype, z = z.dtype, z.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    log_q_top = z.gather(1, ids) - lse  # (n, k)
+    log_q_rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=-1) - lse.squeeze(1)  # (n,)
+    p, r = log_p.exp(), log_r.exp()
+    some_rest = r > 0  # (n,) where the top-k does not hold all of the teacher's mass
+    rest_term = torch.where(some_rest, r * (log_r - log_q_rest), 0.0)  # r log(r / q_rest), 0 for r = 0
+    loss = (p * (log_p - log_q_top)).sum() + rest_term.sum()
+    grad = torch.exp(z - lse) * (1 - torch.where(some_rest, torch.exp(log_r - log_q_rest), 0.0))[:, None]
+    return loss, grad.scatter(1, ids, log_q_top.exp() - p).to(dtype)
+
+
+@functools.cache
+def fused(math):
+    """`math` compiled (static shapes: one kernel set per chunk shape, the last chunk's included)."""
+    return torch.compile(math, dynamic=False)
 
 
 @dataclass
@@ -36,14 +83,10 @@ class NextToken:
 
     ids: torch.Tensor
 
-    def loss_and_grad(self, z: torch.Tensor, rows: slice, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, its gradient w.r.t. z) for fp32 logits z (n, V) of `rows`."""
-        ids = self.ids[rows]
-        lse = torch.logsumexp(z, dim=-1)  # (n,)
-        loss = (lse - z.gather(1, ids[:, None]).squeeze(1)).sum()
-        grad = torch.exp(z - lse[:, None])  # softmax, (n, V)
-        grad[torch.arange(len(ids), device=z.device), ids] -= 1
-        return loss, grad
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, math: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, its gradient w.r.t. z) for the logits z (n, V) of `rows`; `math` is `next_token_math`
+        itself or its fused version."""
+        return math(next_token_math)(z, self.ids[rows])
 
 
 @dataclass
@@ -55,14 +98,9 @@ class TeacherLogits:
     weight: torch.Tensor
     temperature: float = 1.0
 
-    def loss_and_grad(self, z: torch.Tensor, rows: slice, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.temperature
-        y = (self.hidden[rows].to(compute_dtype) @ self.weight.to(compute_dtype).T).float()  # (n, V)
-        log_p = torch.log_softmax(y / T, dim=-1)
-        log_q = torch.log_softmax(z / T, dim=-1)
-        p = log_p.exp()
-        loss = (p * (log_p - log_q)).sum() * T * T
-        return loss, (log_q.exp() - p) * T
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, math: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.hidden[rows].to(z.dtype) @ self.weight.to(z.dtype).T  # (n, V)
+        return math(teacher_logits_math)(z, y, self.temperature)
 
 
 @dataclass
@@ -73,26 +111,15 @@ class TeacherTopK:
     logprobs: torch.Tensor
     log_rest: torch.Tensor
 
-    def loss_and_grad(self, z: torch.Tensor, rows: slice, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, log_p, log_r = self.ids[rows], self.logprobs[rows].float(), self.log_rest[rows].float()
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
-        log_q_top = z.gather(1, ids) - lse  # (n, k)
-        log_q_rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=-1) - lse.squeeze(1)  # (n,)
-        p, r = log_p.exp(), log_r.exp()
-        some_rest = r > 0  # (n,) where the top-k does not hold all of the teacher's mass
-        rest_term = torch.where(some_rest, r * (log_r - log_q_rest), 0.0)  # r log(r / q_rest), 0 for r = 0
-        loss = (p * (log_p - log_q_top)).sum() + rest_term.sum()
-        q = torch.exp(z - lse)  # (n, V)
-        grad = q * (1 - torch.where(some_rest, torch.exp(log_r - log_q_rest), 0.0))[:, None]
-        grad.scatter_(1, ids, log_q_top.exp() - p)
-        return loss, grad
+    def loss_and_grad(self, z: torch.Tensor, rows: slice, math: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        return math(teacher_top_k_math)(z, self.ids[rows], self.logprobs[rows].float(), self.log_rest[rows].float())
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Mean over rows of target's loss on logits hidden @ weight.T, a chunk of rows at a time (module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_rows, compute_dtype):  # hidden (N, d), weight (V, d)
+    def forward(ctx, hidden, weight, target, chunk_rows, compute_dtype, fuse):  # hidden (N, d), weight (V, d)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N = hidden.shape[0]
         w = weight.to(compute_dtype)
@@ -103,8 +130,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             for start in range(0, N, chunk_rows):
                 rows = slice(start, min(start + chunk_rows, N))
                 h = hidden[rows].to(compute_dtype)  # (n, d)
-                z = (h @ w.T).float()  # (n, V)
-                loss, grad = target.loss_and_grad(z, rows, compute_dtype)
+                z = h @ w.T  # (n, V), in the compute dtype; the math takes it to fp32
+                loss, grad = target.loss_and_grad(z, rows, fused if fuse else _eager)
                 total += loss.double()
                 del z
                 if need_hidden or need_weight:
@@ -122,16 +149,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_out / ctx.rows
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None, None)
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None)
 
 
-def head_loss(hidden: torch.Tensor, weight: torch.Tensor, target, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+def _eager(math):
+    return math
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, target, chunk_rows: int = CHUNK_ROWS,
+              fuse: bool | None = None) -> torch.Tensor:
     """Mean loss of `target` (NextToken, TeacherLogits or TeacherTopK) on the logits hidden @ weight.T,
     hidden (N, d) and weight (V, d), computed `chunk_rows` rows at a time in the autocast dtype (else the
-    weight's), softmax and loss in fp32. Differentiable in hidden and weight."""
+    weight's), softmax and loss in fp32. Differentiable in hidden and weight. `fuse`: run the per-chunk
+    math compiled (default: for vocabularies of FUSE_MIN_VOCAB tokens and more)."""
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return _ChunkedHeadLoss.apply(hidden, weight, target, chunk_rows, compute_dtype)
+    fuse = weight.shape[0] >= FUSE_MIN_VOCAB if fuse is None else fuse
+    return _ChunkedHeadLoss.apply(hidden, weight, target, chunk_rows, compute_dtype, fuse)
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -323,6 +323,7 @@ class CLAForCausalLM(CLAPreTrainedModel, GenerationMixin):
         layers share K/V, so producers get the backend's quantised layer and consumers a DummyLayer."""
         if (generation_config.cache_implementation == "quantized" and model_kwargs.get(CACHE_NAME) is None
                 and self.config.num_producer_layers < self.config.num_hidden_layers):
+            # here, not at the top: a saved model's own code (auto_map) carries config/modeling/errors only
             from .quant import quantized_cache
 
             options = dict(generation_config.cache_config or {})

@@ -74,6 +74,23 @@ def test_top_k_of_the_whole_vocabulary_is_the_full_kl():
     torch.testing.assert_close(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_math_equals_eager(dtype):
+    """The compiled per-chunk math (used for large vocabularies) against the same math run eagerly."""
+    hidden, weight = _inputs()
+    ids = torch.randint(0, V, (N,))
+    y = torch.randn(N, 12), torch.randn(V, 12) / 2
+    top = torch.randn(N, V).log_softmax(-1).topk(5, dim=-1)
+    log_rest = torch.log1p(-top.values.exp().sum(-1))
+    for target in (NextToken(ids), TeacherLogits(*y, 2.0), TeacherTopK(top.indices, top.values, log_rest)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            eager = head_loss(hidden, weight, target, chunk_rows=16, fuse=False)
+            fused = head_loss(hidden, weight, target, chunk_rows=16, fuse=True)
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+        for a, b in zip(_grads(fused, hidden, weight), _grads(eager, hidden, weight), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
 def test_bf16_autocast_stays_close_to_fp32():
     hidden, weight = _inputs()
     ids = torch.randint(0, V, (N,))

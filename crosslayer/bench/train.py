@@ -2,7 +2,7 @@
 
 Every model sees the same batch shape, optimizer (AdamW, paper settings), gradient clipping, loss
 (`crosslayer.losses.HeadLoss`) and precision (bf16 autocast on CUDA and on CPUs with bf16 matrix units,
-else fp32; `args.dtype` overrides). Ours runs `Trainer.step()` — the exact code `crosslayer train`
+else fp32; `dtype` overrides). Ours runs `Trainer.step()` — the exact code `crosslayer train`
 runs, data loading included; the baseline is the loop a transformers user writes. Tokens are
 random ids (throughput does not depend on them). Reports tokens/s, the ratios, and on CUDA the model
 FLOPs utilisation. Prints a table, then one JSON line.
@@ -26,7 +26,7 @@ from ..data import FORMAT_VERSION, token_dtype
 from ..device import cpu_capabilities, device_name, has_bf16_matrix_units, sync
 from ..errors import CrossLayerError
 from ..losses import HeadLoss
-from ..train import TrainConfig, Trainer, causal_lm_loss, param_groups
+from ..train import TRAIN_DTYPES, TrainConfig, Trainer, causal_lm_loss, param_groups
 
 # dense bf16 peak FLOP/s of accelerators we know; MFU is left out elsewhere
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
@@ -45,6 +45,7 @@ class TrainBench:
     repeats: int = 3  # timed rounds, models interleaved; medians reported
     compile: bool = False  # torch.compile ours and the baseline
     baseline: bool = True  # transformers' Llama of the first preset's shape
+    dtype: str = "auto"  # auto (the trainer's rule), fp32 or bf16
 
 
 def flops_per_token(config: CLAConfig, seq_len: int) -> float:
@@ -89,10 +90,11 @@ def _time_interleaved(step_fns: list, steps: int, warmup: int, repeats: int, dev
     return times
 
 
-def bench_bf16(args, device: torch.device) -> bool:
-    """Whether the benchmark trains in bf16 autocast: `args.dtype` (default auto, the trainer's rule)."""
-    dtype = getattr(args, "dtype", "auto") or "auto"
-    return dtype == "bf16" or (dtype == "auto" and (device.type == "cuda" or has_bf16_matrix_units()))
+def bench_bf16(args: TrainBench, device: torch.device) -> bool:
+    """Whether the benchmark trains in bf16 autocast: `args.dtype` (auto: the trainer's rule)."""
+    if args.dtype not in TRAIN_DTYPES:
+        raise CrossLayerError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}; got {args.dtype!r}")
+    return args.dtype == "bf16" or (args.dtype == "auto" and (device.type == "cuda" or has_bf16_matrix_units()))
 
 
 def ours_step(preset: str, data: Path, args, device: torch.device):

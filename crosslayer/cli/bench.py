@@ -181,7 +181,8 @@ def _register_train(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per repeat")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (models interleaved); medians reported")
-    add_device_flags(p, dtype_default=None)
+    add_device_flags(p, "auto", "auto: bf16 autocast on CUDA and on CPUs with bf16 matrix units (AMX, AVX512-BF16), "
+                     "else fp32 (the trainer's rule); fp16 is not trained")
     p.add_argument("--compile", action="store_true", help="torch.compile both ours and the baseline")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' Llama")
     add_progress_flag(p)
@@ -195,7 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     bench = TrainBench(presets=args.presets, seq_len=args.seq_len, micro_batch=args.micro_batch, accum=args.accum,
                        steps=args.steps, warmup=args.warmup, repeats=args.repeats, compile=args.compile,
-                       baseline=not args.no_baseline)
+                       baseline=not args.no_baseline, dtype=args.dtype)
     result = run_train_bench(bench, pick_device(args.device))
     print(f"device: {result['device']}, seq_len {args.seq_len}, {args.micro_batch} x {args.accum} sequences/step, "
           f"{result['precision']}")
