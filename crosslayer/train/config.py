@@ -45,7 +45,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast on cuda and on CPUs with bf16 matrix units, else fp32; or fp32 / bf16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (and a teacher's base model)
     activation_checkpointing: bool = False  # recompute each layer's forward in backward: less memory, more compute
     attn_implementation: str = "sdpa"
     tensorboard: bool = False  # also log to out/tensorboard

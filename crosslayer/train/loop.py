@@ -17,6 +17,7 @@ import yaml
 from .. import checkpoint as ckpt
 from ..errors import CrossLayerError, TrainingDiverged
 from ..loading import quiet_transformers
+from ..model_card import read_plan_record, training_record, write_model_card
 from .config import TrainConfig
 from .objective import evaluate
 from .runlog import RunLog, last_validation, truncate_metrics
@@ -83,7 +84,7 @@ def run_steps(trainer: Trainer, out: Path, run_log: RunLog) -> dict[str, Any]:
         if step % cfg.eval_every == 0 or final:
             last = validate(trainer, step, run_log)
         if step % cfg.checkpoint_every == 0 or final:
-            save(trainer, out, step, final)
+            save(trainer, out, step, final, last)
         if timed_out:
             _log(trainer, f"max_minutes {cfg.max_minutes}: stopped at step {step} of {total}")
             break
@@ -117,13 +118,17 @@ def validate(trainer: Trainer, step: int, run_log: RunLog) -> dict[str, Any]:
     return record
 
 
-def save(trainer: Trainer, out: Path, step: int, final: bool) -> None:
-    """A checkpoint of this step; at the last step also the run's output, the model consolidated from it."""
+def save(trainer: Trainer, out: Path, step: int, final: bool, validation: dict[str, Any] | None = None) -> None:
+    """A checkpoint of this step; at the last step also the run's output, the model consolidated from it,
+    with a model card (README.md: the recipe, the sharing plan, `validation`, the last validation record)."""
     saved = trainer.save_checkpoint(out, step)
     if final and trainer.rank == 0:
         with quiet_transformers():
             ckpt.load_step_checkpoint_model(saved).save_pretrained(out)
         trainer.write_model_files(out)
+        cfg = trainer.cfg
+        write_model_card(out, trainer.model_config, plan=read_plan_record(cfg.init) if cfg.init else None,
+                         training=training_record(cfg.to_dict(), step, validation))
     _barrier(trainer)
 
 

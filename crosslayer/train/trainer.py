@@ -176,6 +176,8 @@ class Trainer:
         self.teacher = load_teacher(cfg.teacher, self.model_config, self.device) if cfg.teacher else None
         if self.teacher is not None and self.precision != "fp32":
             self.teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and no cast per forward
+        if self.teacher is not None and cfg.compile:
+            self.teacher.model = torch.compile(self.teacher.model)  # its forward's elementwise work fused too
         self.model = self._wrap(HeadLoss(self.raw_model))
 
     def _teacher_store(self) -> TopKStore:
