@@ -58,17 +58,20 @@ def teacher_logits_math(z: torch.Tensor, y: torch.Tensor, temperature: float) ->
 
 
 def teacher_top_k_math(z: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
-                       log_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       log_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As the others, but the gradient's top-k entries come apart, (n, k) in fp32: the caller writes them
+    into the gradient in place (a scatter into a full (n, V) copy costs more than the rest of the math)."""
     dtype, z = z.dtype, z.float()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
     log_q_top = z.gather(1, ids) - lse  # (n, k)
-    log_q_rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=-1) - lse.squeeze(1)  # (n,)
+    in_top = torch.zeros_like(z, dtype=torch.bool).scatter(1, ids, True)  # (n, V)
+    log_q_rest = torch.logsumexp(torch.where(in_top, float("-inf"), z), dim=-1) - lse.squeeze(1)  # (n,), exact
     p, r = log_p.exp(), log_r.exp()
     some_rest = r > 0  # (n,) where the top-k does not hold all of the teacher's mass
     rest_term = torch.where(some_rest, r * (log_r - log_q_rest), 0.0)  # r log(r / q_rest), 0 for r = 0
     loss = (p * (log_p - log_q_top)).sum() + rest_term.sum()
     grad = torch.exp(z - lse) * (1 - torch.where(some_rest, torch.exp(log_r - log_q_rest), 0.0))[:, None]
-    return loss, grad.scatter(1, ids, log_q_top.exp() - p).to(dtype)
+    return loss, grad.to(dtype), log_q_top.exp() - p
 
 
 @functools.cache
@@ -112,7 +115,9 @@ class TeacherTopK:
     log_rest: torch.Tensor
 
     def loss_and_grad(self, z: torch.Tensor, rows: slice, math: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        return math(teacher_top_k_math)(z, self.ids[rows], self.logprobs[rows].float(), self.log_rest[rows].float())
+        ids = self.ids[rows]
+        loss, grad, top = math(teacher_top_k_math)(z, ids, self.logprobs[rows].float(), self.log_rest[rows].float())
+        return loss, grad.scatter_(1, ids, top.to(grad.dtype))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
