@@ -14,7 +14,9 @@ activations). With cla_factor=1 the copy is exact.
 
 `convert(src, out)` resolves the plan, builds the model, and writes OUT atomically (a temporary folder
 beside it, renamed at the end) with the source's tokenizer files, chat template and generation config,
-and the plan as `plan.json` (`read_plan` reads it back); on any error nothing is left behind. Plans are
+the plan as `plan.json` (`read_plan` reads it back) and a model card `README.md` with the front matter the
+Hub reads (`crosslayer.model_card`). Killed at any moment, OUT is absent or complete; on any error
+(a full disk too: one line) nothing is left behind. Plans are
 given (`cla_factor` / `cla_pattern`, `kv_sources`, a plan file) or searched on calibration data (a
 `PlanSearch` such as crosslayer.plan.Searcher).
 """
@@ -22,9 +24,12 @@ given (`cla_factor` / `cla_pattern`, `kv_sources`, a plan file) or searched on c
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +44,7 @@ from .config import MODEL_FIELDS, CLAConfig, describe, kv_groups, load_config, v
 from .device import dtype_by_name, dtype_name
 from .errors import CrossLayerError
 from .loading import copy_tokenizer_files, load_tokenizer, quiet_transformers, read_source_config, split_model_spec
+from .model_card import write_model_card
 from .modeling import CLAForCausalLM
 
 KV_INITS = ("fit", "mean", "mean-folded", "first")
@@ -505,10 +511,20 @@ def _chosen_by(config: CLAConfig, search: PlanSearch | None, plan: str | Path | 
 def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, tokenizer: Any,
                       record: dict[str, Any]) -> list[str]:
     """`model`, the tokenizer files (a `local` source folder's byte for byte, else `tokenizer`
-    saved), its generation config and `record` as plan.json, written to a temporary folder beside `out`
-    that is renamed to `out` at the end, or removed on any error. Returns the tokenizer files written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    saved), its generation config, `record` as plan.json and a model card (README.md), written to a
+    temporary folder beside `out` that is renamed to `out` at the end, or removed on any error. Returns
+    the tokenizer files written.
+
+    A kill at any moment leaves `out` absent or complete: the staging folder `.OUT.PID@HOST.*.partial` is
+    in `out`'s parent (one filesystem, so the rename is atomic), and the next conversion to `out` removes
+    those of processes that no longer run. A full disk or an unwritable folder is one CrossLayerError."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}@{socket.gethostname()}.", suffix=".partial",
+                                    dir=out.parent))
+    except OSError as e:
+        raise CrossLayerError(f"cannot write {out}: {_write_error(e)}") from None
     try:
         with quiet_transformers():
             model.save_pretrained(tmp)
@@ -522,6 +538,7 @@ def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, toke
             copied = sorted(p.name for p in tmp.iterdir() if p.name.startswith(("tokenizer", "chat_template",
                                                                                  "special_tokens")))
         (tmp / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_model_card(tmp, model.config, out.resolve().name, plan=record)
         umask = os.umask(0)
         os.umask(umask)
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp and some writers make private files; OUT looks like any folder
@@ -529,7 +546,36 @@ def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, toke
         if out.exists():
             out.rmdir()  # empty (checked by convert); rename cannot replace a folder portably
         os.rename(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only or vanished folder: nothing is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CrossLayerError(f"cannot write {out}: {_write_error(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return copied
+
+
+def _write_error(e: Exception) -> str:
+    """One line on why a write failed (safetensors reports I/O errors as SafetensorError text)."""
+    reason = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+    return f"{reason.splitlines()[0]}; nothing was written there"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders of conversions to `out` that were killed: made on this host by a process
+    that no longer runs (another host's, or a running conversion's, are left alone)."""
+    mine = re.compile(rf"\.{re.escape(out.name)}\.(\d+)@{re.escape(socket.gethostname())}\.[a-z0-9_]+\.partial")
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        match = mine.fullmatch(path.name)
+        if match and not _running(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True

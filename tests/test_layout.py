@@ -14,7 +14,7 @@ LAYERS = [
     {"config", "quant", "cpu_decode"},  # quant: 8-bit K/V and the producers-only QuantizedCache modeling's generate builds
     {"modeling", ""},  # "" is the package root: importing it registers the model classes
     {"kv", "decode", "checkpoint", "losses", "teacher_cache"},
-    {"loading"},  # any model source, its tokenizer and config; the trainer's init model and teacher
+    {"loading", "model_card"},  # any model source, its tokenizer and config; a model folder's README.md (Hub card)
     {"convert", "calibration", "data", "generate"},
     {"recover", "plan"},
     {"train"},
