@@ -9,9 +9,11 @@ DRY_RUN=${DRY_RUN:-0}
 if [ "$DRY_RUN" = 1 ]; then
   OUT=${OUT:-runs/gpu-dry}; mkdir -p "$OUT"; export PYTHONPATH=$PWD
   DEV=cpu; TRAIN=small-H64-MQA,small-H64-MQA-CLA2; DECODE=small-H64-MQA-CLA2; SEQ=128; MB=2; STEPS=1; NEW=8; PROMPT=32
+  MODES=eager; BUDGET=256MiB  # a CPU compiles with GEMM autotuning: minutes, not what a dry run checks
 else
   source scripts/gpu-env.sh
   DEV=cuda; TRAIN=1b-H128-MQA,1b-H128-MQA-CLA2; DECODE=1b-H128-MQA-CLA2; SEQ=2048; MB=4; STEPS=5; NEW=128; PROMPT=1920
+  MODES=compiled; BUDGET=80GiB
   timeout 60 python3 scripts/gpu_check.py | tee "$OUT/gpu-check.json" || exit 1
 fi
 step() {  # step NAME SECONDS COMMAND...: run, keep its log, note its exit status
@@ -26,11 +28,11 @@ step train 200 python3 -m crosslayer bench train --presets "$TRAIN" --seq-len "$
   --warmup 1 --repeats 2 --device "$DEV" --dtype bf16 --json-out "$OUT/train.json"
 # 2. decode at batch 1 and 16 (compiled step, 16-bit and int8 caches) against the HBM roofline bench decode reports
 step decode 200 python3 -m crosslayer bench decode --preset "$DECODE" --batch-sizes 1,16 --prompt-len "$PROMPT" \
-  --new-tokens "$NEW" --modes compiled --kv-dtypes auto,int8 --repeats 2 --device "$DEV" --dtype bf16 \
+  --new-tokens "$NEW" --modes "$MODES" --kv-dtypes auto,int8 --repeats 2 --device "$DEV" --dtype bf16 \
   --json-out "$OUT/decode.json"
 # 3. KV memory at a fixed budget: sequences that fit and their decode tokens/s, CLA2 vs its MQA twin
 step memory 120 python3 -m crosslayer bench memory --presets "${TRAIN}" --kv-dtypes auto,int8 --batch-sizes 1 \
-  --context-lengths "$((PROMPT + NEW))" --budget "$([ "$DRY_RUN" = 1 ] && echo 32MiB || echo 80GiB)" --decode-tokens 16 \
+  --context-lengths "$((PROMPT + NEW))" --budget "$BUDGET" --decode-tokens 16 \
   --dtype bf16 --device "$DEV" --json-out "$OUT/memory.json"
 # the table last: one line per JSON written
 python3 - "$OUT" <<'PY'
