@@ -31,7 +31,7 @@ from transformers.masking_utils import create_causal_mask
 
 from .config import describe
 from .data import load_tokens, read_meta
-from .device import has_bf16_matrix_units
+from .device import compute_dtype as auto_compute_dtype  # (parameters here are named compute_dtype)
 from .errors import CrossLayerError
 from .loading import tokenizer_fingerprint
 from .modeling import CLAForCausalLM, SharedKV, rotate_half
@@ -46,8 +46,7 @@ def resolve_compute_dtype(name: str, device: torch.device | str = "cpu") -> torc
     """The dtype calibration activations and plan search run in: `fp32`, `bf16`, or `auto` (bf16 on CUDA
     or on a CPU that multiplies bf16 matrices in hardware, crosslayer.device.has_bf16_matrix_units; else fp32)."""
     if name == "auto":
-        fast = torch.device(device).type == "cuda" or has_bf16_matrix_units()
-        return torch.bfloat16 if fast else torch.float32
+        return auto_compute_dtype(name, torch.device(device))
     if name not in COMPUTE_DTYPES:
         raise CrossLayerError(f"compute_dtype must be one of auto, {', '.join(COMPUTE_DTYPES)}; got {name!r}")
     return COMPUTE_DTYPES[name]

@@ -82,6 +82,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype_by_name(name)
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype heavy matrix work runs in (training's autocast, plan search): `auto` is bf16 on CUDA and on
+    CPUs with bf16 matrix units (`has_bf16_matrix_units`), else fp32; or the named dtype. (`pick_dtype`'s
+    auto, for weights a user loads, stays fp32 on every CPU.)"""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or has_bf16_matrix_units() else torch.float32
+    return dtype_by_name(name)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so a wall-clock reading covers it."""
     if device.type == "cuda":

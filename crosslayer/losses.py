@@ -65,12 +65,15 @@ def teacher_top_k_math(z: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
     log_q_top = z.gather(1, ids) - lse  # (n, k)
     in_top = torch.zeros_like(z, dtype=torch.bool).scatter(1, ids, True)  # (n, V)
-    log_q_rest = torch.logsumexp(torch.where(in_top, float("-inf"), z), dim=-1) - lse.squeeze(1)  # (n,), exact
+    lse_rest = torch.logsumexp(torch.where(in_top, float("-inf"), z), dim=-1, keepdim=True)  # (n, 1), exact
+    log_q_rest = (lse_rest - lse).squeeze(1)  # (n,)
     p, r = log_p.exp(), log_r.exp()
     some_rest = r > 0  # (n,) where the top-k does not hold all of the teacher's mass
     rest_term = torch.where(some_rest, r * (log_r - log_q_rest), 0.0)  # r log(r / q_rest), 0 for r = 0
     loss = (p * (log_p - log_q_top)).sum() + rest_term.sum()
-    grad = torch.exp(z - lse) * (1 - torch.where(some_rest, torch.exp(log_r - log_q_rest), 0.0))[:, None]
+    # outside K: q_j (1 - r / q_rest) = q_j - r exp(z_j - lse_rest), bounded even where q_rest underflows
+    pull = torch.where(some_rest[:, None], r[:, None] * torch.exp(z - lse_rest), 0.0)
+    grad = torch.exp(z - lse) - pull
     return loss, grad.to(dtype), log_q_top.exp() - p
 
 
@@ -124,8 +127,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """Mean over rows of target's loss on logits hidden @ weight.T, a chunk of rows at a time (module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_rows, compute_dtype, fuse):  # hidden (N, d), weight (V, d)
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, target, chunk_rows, compute_dtype, fuse, grad_enabled):  # hidden (N, d), weight (V, d)
+        # needs_input_grad follows requires_grad, not the grad mode: under no_grad (evaluation) form no gradient
+        need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         N = hidden.shape[0]
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -154,7 +158,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_out / ctx.rows
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None)
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None, None)
 
 
 def _eager(math):
@@ -169,8 +173,9 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, target, chunk_rows: in
     math compiled (default: for vocabularies of FUSE_MIN_VOCAB tokens and more)."""
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    fuse = weight.shape[0] >= FUSE_MIN_VOCAB if fuse is None else fuse
-    return _ChunkedHeadLoss.apply(hidden, weight, target, chunk_rows, compute_dtype, fuse)
+    if fuse is None:  # inside an outer torch.compile (the trainer's compile: true) that compile fuses it
+        fuse = weight.shape[0] >= FUSE_MIN_VOCAB and not torch.compiler.is_compiling()
+    return _ChunkedHeadLoss.apply(hidden, weight, target, chunk_rows, compute_dtype, fuse, torch.is_grad_enabled())
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -41,10 +42,13 @@ def model_fingerprint(model: nn.Module) -> str:
 class TopKStore:
     """The top-k of one teacher over the windows of one token stream (module docstring)."""
 
-    def __init__(self, folder: str | Path, tokens: np.ndarray, seq_len: int, k: int, fingerprint: str) -> None:
+    def __init__(self, folder: str | Path, tokens: np.ndarray, seq_len: int, k: int, identity: dict | str) -> None:
+        """`identity`: what must match for the store to be reused (the teacher's fingerprint, and the data's and
+        the precision's where known); a string is the teacher's fingerprint alone."""
         self.folder, self.tokens, self.seq_len, self.k = Path(folder), tokens, seq_len, k
         self.windows = (len(tokens) - 1) // seq_len
-        meta = {"format": FORMAT, "teacher": fingerprint, "seq_len": seq_len, "k": k, "windows": self.windows,
+        identity = {"teacher": identity} if isinstance(identity, str) else dict(identity)
+        meta = {"format": FORMAT, **identity, "seq_len": seq_len, "k": k, "windows": self.windows,
                 "tokens": len(tokens)}
         self.folder.mkdir(parents=True, exist_ok=True)
         meta_path = self.folder / "meta.json"
@@ -63,7 +67,9 @@ class TopKStore:
         self.done = np.lib.format.open_memmap(self.folder / "done.npy", mode, np.bool_, (W,))
         if mode == "w+":
             self.done.flush()
-            meta_path.write_text(json.dumps(meta, indent=1))
+            tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, meta_path)  # meta.json last and whole: a store without it is made anew
 
     @torch.no_grad()
     def fill(self, windows: list[int], teacher: nn.Module, device: torch.device,

@@ -41,7 +41,8 @@ def cla_model(tmp_path_factory, wiki_tokenizer):
 
 def recipe(tmp_path: Path, data: Path, **kw) -> TrainConfig:
     fields = dict(data=str(data), out=str(tmp_path / "run"), seq_len=32, batch_tokens=256, micro_batch=8,
-                  max_steps=2, eval_every=2, eval_tokens=512, checkpoint_every=2, progress=False)
+                  max_steps=2, eval_every=2, eval_tokens=512, checkpoint_every=2, progress=False,
+                  dtype="fp32")  # auto would follow the CPU's matrix units
     return TrainConfig.from_dict({**fields, **kw})
 
 

@@ -130,7 +130,7 @@ def test_offline_teacher_store_holds_the_teachers_top_k(tmp_path):
     teacher = CLAForCausalLM(tiny_config()).eval()
     tokens = np.random.default_rng(0).integers(0, teacher.config.vocab_size, 8 * 6 + 1).astype(np.uint16)
     fp = model_fingerprint(teacher)
-    store = TopKStore(tmp_path / "topk", tokens, seq_len=8, k=7, fingerprint=fp)
+    store = TopKStore(tmp_path / "topk", tokens, seq_len=8, k=7, identity=fp)
     assert store.fill([4, 1, 4], teacher, torch.device("cpu"), batch=1) == 2
     got = store.target([4, 1], torch.device("cpu"))
     inputs = torch.from_numpy(np.stack([tokens[32:40], tokens[8:16]]).astype(np.int64))
@@ -142,9 +142,28 @@ def test_offline_teacher_store_holds_the_teachers_top_k(tmp_path):
     rest = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
     torch.testing.assert_close(got.log_rest, rest, rtol=1e-4, atol=1e-5)
 
-    again = TopKStore(tmp_path / "topk", tokens, seq_len=8, k=7, fingerprint=fp)
+    again = TopKStore(tmp_path / "topk", tokens, seq_len=8, k=7, identity=fp)
     assert again.fill([1, 4, 2], teacher, torch.device("cpu")) == 1  # only window 2 is new
     with pytest.raises(CrossLayerError, match="another teacher"):
-        TopKStore(tmp_path / "topk", tokens, seq_len=8, k=7, fingerprint="0" * 16)
+        TopKStore(tmp_path / "topk", tokens, seq_len=8, k=7, identity="0" * 16)
     with pytest.raises(CrossLayerError, match="not computed"):
         again.target([5], torch.device("cpu"))
+
+
+def test_top_k_gradient_stays_finite_for_a_certain_student():
+    """A student that puts all but e^-200 of its mass on the teacher's top-k (q_rest underflows in fp32) while the
+    teacher keeps 1% outside: the loss is large but finite, the gradient finite, pulling mass back outside."""
+    hidden = torch.zeros(2, 4, requires_grad=True)
+    weight = torch.zeros(V, 4)
+    weight[:3, 0] = 1.0
+    z_scale = torch.tensor([[200.0, 0, 0, 0], [200.0, 0, 0, 0]])
+    with torch.no_grad():
+        hidden.copy_(z_scale)
+    weight.requires_grad_()
+    ids = torch.arange(3).expand(2, 3)
+    log_p = torch.log(torch.full((2, 3), 0.33))
+    ours = head_loss(hidden, weight, TeacherTopK(ids, log_p, torch.log(torch.full((2,), 0.01))), chunk_rows=8)
+    assert torch.isfinite(ours) and ours > 1
+    g_hidden, g_weight = _grads(ours, hidden, weight)
+    assert torch.isfinite(g_hidden).all() and torch.isfinite(g_weight).all()
+    assert (g_weight[3:, 0] < 0).all()  # descending the gradient raises the logits outside the top-k

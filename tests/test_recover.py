@@ -95,7 +95,7 @@ def converted(tmp_path_factory, wiki_tokenizer):
 def recover(root: Path, out: str, **keys) -> dict:
     recipe = dict(data=str(root / "data"), out=str(root / out), seq_len=32, batch_tokens=256, micro_batch=8,
                   max_steps=6, lr=3e-3, warmup_frac=0.0, eval_every=6, eval_tokens=1024, log_every=1,
-                  checkpoint_every=3, progress=False, **keys)
+                  checkpoint_every=3, progress=False, dtype="fp32", **keys)  # auto would follow the CPU's units
     (root / f"{out}.yaml").write_text(yaml.safe_dump(recipe))
     return train(load_train_config(root / f"{out}.yaml", init=str(root / "cla")))
 

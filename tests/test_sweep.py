@@ -40,7 +40,7 @@ def write_sweep(path: Path, data_dir: Path, out: Path, **overrides) -> Path:
         data=str(data_dir), out=str(out), model_defaults=SHAPE, lrs=[3e-3, 1e-2], seeds=[0],
         models=[{"name": "mqa", "best_lr_seeds": [1]}, {"name": "mqa-cla2", "cla_factor": 2}],
         train=dict(seq_len=32, batch_tokens=256, micro_batch=8, max_steps=4, eval_every=2, eval_tokens=1024,
-                   log_every=1, checkpoint_every=2, progress=False),
+                   log_every=1, checkpoint_every=2, progress=False, dtype="fp32"),  # not the CPU's choice
         wikitext=dict(path=str(WIKI), context=32, stride=16, max_bytes=4000),
     )
     spec.update(overrides)

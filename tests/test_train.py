@@ -344,10 +344,10 @@ def test_compiled_run_saves_and_resumes_like_an_uninterrupted_one(tmp_path, ptb)
 
 
 def test_dtype_auto_is_bf16_where_the_cpu_has_bf16_matrix_units(tmp_path, ptb, monkeypatch):
-    from crosslayer.train import trainer as trainer_mod
+    from crosslayer import device as device_mod
 
     for units, precision in ((True, "bf16-autocast"), (False, "fp32")):
-        monkeypatch.setattr(trainer_mod, "has_bf16_matrix_units", lambda units=units: units)
+        monkeypatch.setattr(device_mod, "has_bf16_matrix_units", lambda units=units: units)
         assert train_mod.Trainer(_trainer(tmp_path, ptb, f"auto-{units}", dtype="auto")).precision == precision
 
 

@@ -44,7 +44,7 @@ from ..config import CLAConfig, to_llama_config
 from ..convert import from_hf, load_source, target_config
 from ..cpu_decode import CPUDecoding, cpu_compile_options
 from ..decode import fast_generate
-from ..device import device_name, sync
+from ..device import cpu_capabilities, device_name, sync
 from ..errors import CrossLayerError
 from ..kv import kv_bytes_per_token
 from .memory import kv_dtype_name, weight_bytes
@@ -235,6 +235,8 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
     result = {"benchmark": "decode", "device": device_name(device), "torch": torch.__version__, "preset": preset,
               "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "rows": rows,
               "greedy_equal_to_transformers": checks}
+    if device.type == "cpu":
+        result["cpu"] = cpu_capabilities()
     if vllm_python:  # a reference only: its failure is reported, not raised, so our figures are kept
         try:
             vllm = vllm_reference(llama, prompts, new_tokens, repeats, vllm_python)

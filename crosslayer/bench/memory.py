@@ -31,7 +31,7 @@ import torch
 from ..config import CLAConfig
 from ..cpu_decode import CPUDecoding
 from ..decode import ATTENTION, ProducerCache, attention_implementation, compile_room, compiled, last_logits
-from ..device import dtype_name, kv_storage_dtype, pick_dtype, sync
+from ..device import cpu_capabilities, dtype_name, kv_storage_dtype, pick_dtype, sync
 from ..errors import CrossLayerError
 from ..kv import cache_nbytes, kv_bytes_per_token
 from ..modeling import CLAForCausalLM
@@ -227,8 +227,11 @@ def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], 
                     entry["decode_tokens_per_s"] = decode_throughput(model, found, t, decode_tokens, kv_dtype, compile, cpu)
                 capacity.append(entry)
         del model
-    return {"benchmark": "memory", "device": str(device), "dtype": dtype, "torch": torch.__version__,
-            "rows": rows, "capacity": capacity, "decode_tokens": decode_tokens, "decode_compiled": compile}
+    result = {"benchmark": "memory", "device": str(device), "dtype": dtype, "torch": torch.__version__,
+              "rows": rows, "capacity": capacity, "decode_tokens": decode_tokens, "decode_compiled": compile}
+    if device.type == "cpu":
+        result["cpu"] = cpu_capabilities()
+    return result
 
 
 def plot(result: dict, presets: list[str], path: str | Path) -> None:

@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 
 from ..config import CLAConfig, to_llama_config
 from ..data import FORMAT_VERSION, token_dtype
-from ..device import cpu_capabilities, device_name, has_bf16_matrix_units, sync
+from ..device import compute_dtype, cpu_capabilities, device_name, sync
 from ..errors import CrossLayerError
 from ..losses import HeadLoss
 from ..train import TRAIN_DTYPES, TrainConfig, Trainer, causal_lm_loss, param_groups
@@ -94,7 +94,7 @@ def bench_bf16(args: TrainBench, device: torch.device) -> bool:
     """Whether the benchmark trains in bf16 autocast: `args.dtype` (auto: the trainer's rule)."""
     if args.dtype not in TRAIN_DTYPES:
         raise CrossLayerError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}; got {args.dtype!r}")
-    return args.dtype == "bf16" or (args.dtype == "auto" and (device.type == "cuda" or has_bf16_matrix_units()))
+    return compute_dtype(args.dtype, device) == torch.bfloat16
 
 
 def ours_step(preset: str, data: Path, args, device: torch.device):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt
 from ..config import CLAConfig, load_config
 from ..data import load_tokens, read_meta
-from ..device import has_bf16_matrix_units, pick_device, pick_dtype
+from ..device import compute_dtype, pick_device
 from ..errors import CrossLayerError
 from ..loading import copy_tokenizer_files, load_init_model, load_teacher
 from ..losses import HeadLoss
@@ -122,9 +122,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         elif self.distributed:  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
-        use_bf16 = pick_dtype(cfg.dtype, self.device) == torch.bfloat16
-        auto_cpu_bf16 = cfg.dtype == "auto" and self.device.type == "cpu" and has_bf16_matrix_units()
-        use_bf16 = use_bf16 or auto_cpu_bf16
+        use_bf16 = compute_dtype(cfg.dtype, self.device) == torch.bfloat16
+        auto_cpu_bf16 = use_bf16 and cfg.dtype == "auto" and self.device.type == "cpu"
         self.autocast: AbstractContextManager = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                                                  else nullcontext())
         self.precision = "bf16-autocast" if use_bf16 else "fp32"
@@ -174,6 +173,8 @@ class Trainer:
             model.gradient_checkpointing_enable()  # the name transformers 5.16+ all have
         self.raw_model = model.to(self.device).train()
         self.teacher = load_teacher(cfg.teacher, self.model_config, self.device) if cfg.teacher else None
+        # as loaded (before a cast or compile renames or rounds anything): names the offline teacher's store
+        self.teacher_fingerprint = model_fingerprint(self.teacher) if self.teacher is not None else None
         if self.teacher is not None and self.precision != "fp32":
             self.teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and no cast per forward
         if self.teacher is not None and cfg.compile:
@@ -181,11 +182,22 @@ class Trainer:
         self.model = self._wrap(HeadLoss(self.raw_model))
 
     def _teacher_store(self) -> TopKStore:
-        """The offline teacher's top-k store of this run's training tokens, beside the data unless named."""
+        """The offline teacher's top-k store of this run's training tokens, beside the data unless named; one
+        per teacher, data, seq_len, k and precision. Rank 0 creates it, the other processes open it after."""
         cfg = self.cfg
-        fingerprint = model_fingerprint(self.teacher)
-        folder = cfg.teacher_cache or Path(cfg.data) / "teacher-topk" / f"{fingerprint}-s{cfg.seq_len}-k{cfg.teacher_topk}"
-        return TopKStore(folder, self.train_tokens, cfg.seq_len, cfg.teacher_topk, fingerprint)
+        name = f"{self.teacher_fingerprint}-s{cfg.seq_len}-k{cfg.teacher_topk}-{self.precision}"
+        folder = cfg.teacher_cache or Path(cfg.data) / "teacher-topk" / name
+        identity = {"teacher": self.teacher_fingerprint, "data": self.meta.get("fingerprint"), "precision": self.precision}
+
+        def open_store() -> TopKStore:
+            return TopKStore(folder, self.train_tokens, cfg.seq_len, cfg.teacher_topk, identity)
+        if self.distributed and self.rank != 0:
+            dist.barrier()  # rank 0 has created it
+            return open_store()
+        store = open_store()
+        if self.distributed:
+            dist.barrier()
+        return store
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.distributed and self.cfg.parallel == "fsdp":
