@@ -97,13 +97,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's answer is often just `x86_64` on Linux)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (None where there is none)."""
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+                    if line.startswith(field))
     except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's answer is often just `x86_64` on Linux)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # /proc/cpuinfo flags that name matrix units for 16-bit and 8-bit GEMMs (x86-64)
@@ -112,11 +117,7 @@ MATRIX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni"
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+    return set((_cpuinfo("flags") or "").split())
 
 
 def has_bf16_matrix_units() -> bool:
