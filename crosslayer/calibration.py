@@ -18,14 +18,17 @@ the K/V error metrics. `resolve_compute_dtype` picks bf16 where matrix units mak
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
@@ -34,7 +37,7 @@ from .data import load_tokens, read_meta
 from .device import compute_dtype as auto_compute_dtype  # (parameters here are named compute_dtype)
 from .errors import CrossLayerError
 from .loading import tokenizer_fingerprint
-from .modeling import CLAForCausalLM, SharedKV, rotate_half
+from .modeling import CLAForCausalLM, CLARotaryEmbedding, SharedKV, rotate_half
 
 CALIBRATION_TOKENS = 2048  # default calibration size (4 sequences)
 CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence
@@ -170,10 +173,15 @@ class Calibration:
 
     `compute_dtype` (default: `dense`'s) is the dtype they are computed in: `model` is `dense` in that
     dtype (`dense` itself, or a copy; `compute_model` hands over one made already), and plans run on it.
+    With `load`, `dense` is a skeleton on the meta device (in the compute dtype) whose weights are
+    loaded one module at a time: `load(name, module)` gives the submodule `name` its weights on `device`
+    just before it runs, and they are dropped after it, so only one layer is ever resident (a model
+    larger than memory calibrates; `run_layers` needs a resident model).
     """
 
     def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4, progress: bool = False,
-                 compute_dtype: torch.dtype | None = None, compute_model: CLAForCausalLM | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, compute_model: CLAForCausalLM | None = None,
+                 load: Callable[[str, nn.Module], None] | None = None, device: torch.device | str | None = None) -> None:
         if dense.config.num_producer_layers != dense.config.num_hidden_layers:
             raise CrossLayerError("calibration needs the dense model (every layer its own producer)")
         if tokens.dim() != 2 or tokens.shape[1] < 2:
@@ -184,71 +192,98 @@ class Calibration:
         self.model = compute_model or dense  # dense in the compute dtype: what every pass below runs
         if self.model.model.embed_tokens.weight.dtype != self.compute_dtype:
             self.model = copy.deepcopy(dense).to(self.compute_dtype).eval()
-        device = self.model.model.embed_tokens.weight.device
+        self._load = load
+        device = torch.device(device) if device is not None else self.model.model.embed_tokens.weight.device
+        self.rotary = CLARotaryEmbedding(self.config).to(device)  # fp32 tables, whatever the weights' dtype
         self.chunks = list(tokens.to(device).split(batch_size))  # each (b, T)
         self.tokens = tokens
         self.num_tokens = tokens.numel()
         self.contexts = [self._context(c) for c in self.chunks]
-        self.keys: list[torch.Tensor] = []  # per layer (N, kv_heads * head_dim), N = B * T
+        # per layer, in the compute dtype (exact: that is what the layer computed); N = B * T
+        self.keys: list[torch.Tensor] = []  # (N, kv_heads * head_dim)
         self.values: list[torch.Tensor] = []
-        self.key_metrics: list[torch.Tensor] = []  # per layer (kv, kv): what its queries see of a key error
-        self.value_metrics: list[torch.Tensor] = []  # per layer (kv, kv): what its o_proj passes of a value error
+        # per layer (kv_heads, hd, hd), the blocks of a block-diagonal (kv, kv) metric (`metric`)
+        self.key_metrics: list[torch.Tensor] = []  # what its queries see of a key error
+        self.value_metrics: list[torch.Tensor] = []  # what its o_proj passes on of a value error
         self.hidden: list[list[torch.Tensor]] = []  # per layer, per chunk (b, T, d); [L]: the last output
         self._fits: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # group -> its fitted K/V map
         rotations = self._rotations(tokens.shape[1])
         with torch.no_grad():
-            h = [self.model.model.embed_tokens(c) for c in self.chunks]  # per chunk (b, T, d)
-            for i, layer in enumerate(progress_bar(self.model.model.layers, progress, "calibration")):
+            with self._resident("model.embed_tokens", self.model.model.embed_tokens) as embed:
+                h = [embed(c) for c in self.chunks]  # per chunk (b, T, d)
+            for i in progress_bar(range(self.config.num_hidden_layers), progress, "calibration"):
                 self.hidden.append(h)
-                k, v = zip(*(self._kv(layer, x) for x in h), strict=True)
-                self.keys.append(torch.cat(k).float())
-                self.values.append(torch.cat(v).float())
-                self.key_metrics.append(self._key_metric(layer, h, rotations))
-                self.value_metrics.append(self._value_metric(self.dense.model.layers[i]))  # weights only: dense's
-                h = [self._layer(layer, x, ctx, SharedKV()) for x, ctx in zip(h, self.contexts, strict=True)]
+                with self._resident(f"model.layers.{i}", self.model.model.layers[i]) as layer:
+                    k, v = zip(*(self._kv(layer, x) for x in h), strict=True)
+                    self.keys.append(torch.cat(k))
+                    self.values.append(torch.cat(v))
+                    self.key_metrics.append(self._key_metric(layer, h, rotations))
+                    self.value_metrics.append(self._value_metric(layer))
+                    h = [self._layer(layer, x, ctx, SharedKV()) for x, ctx in zip(h, self.contexts, strict=True)]
             self.hidden.append(h)
+
+    @contextlib.contextmanager
+    def _resident(self, name: str, module: nn.Module):
+        """`module` with its weights: loaded for the block and dropped after when they stream (`load`)."""
+        if self._load is None:
+            yield module
+            return
+        self._load(name, module)
+        try:
+            yield module
+        finally:
+            module.to("meta")
+
+    @staticmethod
+    def metric(blocks: torch.Tensor) -> torch.Tensor:
+        """The (kv, kv) block-diagonal matrix of per-head blocks (kv_heads, hd, hd)."""
+        return torch.block_diag(*blocks)
 
     # -- pieces of the forward pass ----------------------------------------------------------
 
     def _context(self, chunk: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
         """(attention mask, rotary cos/sin) of a chunk of sequences, as CLAModel.forward builds them."""
-        embeds = self.model.model.embed_tokens.weight[:1].expand(*chunk.shape, -1)  # (b, T, d), shape only
+        embeds = torch.zeros((), dtype=self.compute_dtype, device=chunk.device).expand(
+            *chunk.shape, self.config.hidden_size)  # (b, T, d), shape only
         position_ids = torch.arange(chunk.shape[1], device=chunk.device).unsqueeze(0)  # (1, T)
         mask = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=None, cache=None,
                                   position_ids=position_ids)
-        return mask, self.model.model.rotary_emb(embeds, position_ids)
+        return mask, self.rotary(embeds, position_ids)
 
     def _rotations(self, seq_len: int, samples: int = 64) -> torch.Tensor:
         """Rotary matrices R_d (samples, hd, hd) for offsets d spread over 0..seq_len-1: a row vector x at
         offset d rotates to x @ R_d."""
-        offsets = torch.linspace(0, seq_len - 1, samples).round().long().unsqueeze(0)  # (1, samples)
+        device = self.rotary.inv_freq.device
+        offsets = torch.linspace(0, seq_len - 1, samples, device=device).round().long().unsqueeze(0)  # (1, samples)
         eye = torch.eye(self.config.head_dim, device=offsets.device)
         with torch.no_grad():
-            cos, sin = self.dense.model.rotary_emb(eye, offsets)  # (1, samples, hd) each
+            cos, sin = self.rotary(eye, offsets)  # (1, samples, hd) each
         cos, sin = cos[0].float(), sin[0].float()
         return eye * cos[:, None, :] + rotate_half(eye) * sin[:, None, :]  # (samples, hd, hd)
 
     def _key_metric(self, layer: torch.nn.Module, h: list[torch.Tensor], rotations: torch.Tensor) -> torch.Tensor:
-        """(kv, kv) block-diagonal: per K/V head, E[R_d^T q q^T R_d] over the layer's queries q of its
-        query heads on that K/V head (before rotary) and offsets d, so e M e^T is the mean squared
-        attention-score error a key error e causes (the rotation at each offset taken into account)."""
+        """(kv_heads, hd, hd), the blocks of a block-diagonal (kv, kv) metric: per K/V head, E[R_d^T q q^T R_d]
+        over the layer's queries q of its query heads on that K/V head (before rotary) and offsets d, so
+        e M e^T is the mean squared attention-score error a key error e causes (the rotation at each offset
+        taken into account)."""
         n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
         group = self.config.num_attention_heads // n_kv
-        m = torch.zeros(n_kv, hd, hd, dtype=torch.float64)
+        m = torch.zeros(n_kv, hd, hd, dtype=torch.float64, device=h[0].device)
         for x in h:
             q = layer.self_attn.q_proj(layer.input_layernorm(x)).view(-1, n_kv, group, hd).double()  # (bT, kv, g, hd)
             m += torch.einsum("nkgi,nkgj->kij", q, q)
         m /= self.num_tokens
         r = rotations.double()  # (S, hd, hd)
         rotated = torch.einsum("sji,kjl,slm->kim", r, m, r) / r.shape[0]  # mean over s of R_s^T m R_s
-        return torch.block_diag(*rotated).float()
+        return rotated.float()
 
     def _value_metric(self, layer: torch.nn.Module) -> torch.Tensor:
-        """(kv, kv) block-diagonal: per K/V head, sum over its query heads h of O_h^T O_h, O_h (d, hd) the
-        columns of o_proj that read head h, so e M e^T is the squared output error a value error e causes."""
+        """(kv_heads, hd, hd), the blocks of a block-diagonal (kv, kv) metric: per K/V head, sum over its query
+        heads h of O_h^T O_h, O_h (d, hd) the columns of o_proj that read head h, so e M e^T is the squared
+        output error a value error e causes."""
         n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
         o = layer.self_attn.o_proj.weight.detach().double().view(-1, n_kv, self.config.num_attention_heads // n_kv, hd)
-        return torch.block_diag(*torch.einsum("dkgi,dkgj->kij", o, o)).float()  # (d, kv, g, hd) -> (kv, kv)
+        return torch.einsum("dkgi,dkgj->kij", o, o).float()  # (d, kv, g, hd) -> (kv, hd, hd)
 
     @staticmethod
     def _kv(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,24 +298,27 @@ class Calibration:
 
     # -- a group's fitted K/V map, and a plan's run ---------------------------------------------
 
-    def fit(self, members: list[int]) -> dict[str, torch.Tensor]:
+    def fit(self, members: list[int], keep: bool = True) -> dict[str, torch.Tensor]:
         """The K/V map of a producer whose group is `members`: least squares from the producer's original
         input to each member's original K and V, key errors weighted by what the member's queries see
         of them, value errors by what its o_proj passes on (`least_squares_kv`). Depends on the group
-        only, so it is computed once per group."""
+        only, so it is computed once per group (and kept, unless `keep` is False)."""
         key = tuple(members)
-        if key not in self._fits:
-            norm = self.dense.model.layers[members[0]].input_layernorm
-            # products in fp64 whatever the activations' dtype (bf16 ones are normalised in fp32 first)
-            inputs = torch.cat([norm.normalize(c.float()).flatten(0, 1) for c in self.hidden[members[0]]]).double()  # (N, d)
-            bias = self.dense.model.layers[members[0]].self_attn.k_proj.bias is not None
-            if bias:
-                inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], 1)  # (N, d+1): the intercept
-            self._fits[key] = least_squares_kv(
-                inputs.T @ inputs, [inputs.T @ self.keys[j].double() for j in members],
-                [inputs.T @ self.values[j].double() for j in members], [self.key_metrics[j] for j in members],
-                [self.value_metrics[j] for j in members], bias)
-        return self._fits[key]
+        if key in self._fits:
+            return self._fits[key]
+        norm = self.dense.model.layers[members[0]].input_layernorm
+        # products in fp64 whatever the activations' dtype (bf16 ones are normalised in fp32 first)
+        inputs = torch.cat([norm.normalize(c.float()).flatten(0, 1) for c in self.hidden[members[0]]]).double()  # (N, d)
+        bias = self.dense.model.layers[members[0]].self_attn.k_proj.bias is not None
+        if bias:
+            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], 1)  # (N, d+1): the intercept
+        fitted = least_squares_kv(
+            inputs.T @ inputs, [inputs.T @ self.keys[j].double() for j in members],
+            [inputs.T @ self.values[j].double() for j in members], [self.metric(self.key_metrics[j]) for j in members],
+            [self.metric(self.value_metrics[j]) for j in members], bias)
+        if keep:
+            self._fits[key] = fitted
+        return fitted
 
     def run_layers(self, model: CLAForCausalLM, start: int = 0, hidden: list[torch.Tensor] | None = None,
                    keep_hidden: bool = False) -> Run:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,11 +43,19 @@ from transformers import AutoModelForCausalLM
 
 from .calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, Calibration, read_calibration, resolve_compute_dtype
 from .config import MODEL_FIELDS, CLAConfig, describe, kv_groups, load_config, validate_kv_sources
-from .device import dtype_by_name, dtype_name
+from .device import dtype_by_name, dtype_name, pick_device
 from .errors import CrossLayerError
 from .loading import copy_tokenizer_files, load_tokenizer, quiet_transformers, read_source_config, split_model_spec
 from .model_card import write_model_card
 from .modeling import CLAForCausalLM
+from .weights import (
+    DEFAULT_SHARD_BYTES,
+    SafetensorsWriter,
+    SourceWeights,
+    TensorInfo,
+    map_large_allocations,
+    open_weights,
+)
 
 KV_INITS = ("fit", "mean", "mean-folded", "first")
 SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
@@ -191,34 +201,108 @@ def dense_copy(source: nn.Module, raw: dict[str, Any] | None = None) -> CLAForCa
     kv_map = CLA_KV_MAP if raw.get("model_type") == "crosslayer" else KV_MAP
     state = source.state_dict()
     if config.tie_word_embeddings and "lm_head.weight" in state:
-        if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
-            raise CrossLayerError("the source's config says tie_word_embeddings=true, but its lm_head.weight differs "
-                                  "from the embedding: the checkpoint and its config.json disagree")
-        state.pop("lm_head.weight")  # tied: one tensor, carried by the embedding
+        _check_tied(state.pop("lm_head.weight"), state["model.embed_tokens.weight"])  # tied: the embedding carries it
 
-    target: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
+    names = dense_names(config, set(state), kv_map, type(source).__name__)
+    target = {dst: state[src].clone() for dst, src in names.items()}
+    model = _assemble(config, target)
+    model.generation_config = copy.deepcopy(source.generation_config)
+    return model
+
+
+def _check_tied(lm_head: torch.Tensor, embedding: torch.Tensor) -> None:
+    if not torch.equal(lm_head, embedding):
+        raise CrossLayerError("the source's config says tie_word_embeddings=true, but its lm_head.weight differs "
+                              "from the embedding: the checkpoint and its config.json disagree")
+
+
+class LazySource:
+    """A checkpoint as the tensors of its dense CLA model (`dense_copy`'s), each read from the files when asked
+    for (crosslayer.weights), in the dtype `from_pretrained(dtype="auto")` would give it (`dtype`: the
+    config's, else the files'; fp32 for GGUF). Nothing is held."""
+
+    def __init__(self, weights: SourceWeights, raw: dict[str, Any], gguf: bool = False) -> None:
+        self.weights = weights
+        self.config = target_config(raw)
+        self.config._attn_implementation = "sdpa"
+        names = set(weights.info)
+        if self.config.tie_word_embeddings and "lm_head.weight" in names:
+            _check_tied(weights.read("lm_head.weight"), weights.read("model.embed_tokens.weight"))
+            names.discard("lm_head.weight")
+        kv_map = CLA_KV_MAP if raw.get("model_type") == "crosslayer" else KV_MAP
+        self.names = dense_names(self.config, names, kv_map, (raw.get("architectures") or ["the source"])[0])
+        self.dtype = torch.float32 if gguf else _checkpoint_dtype(raw, weights)
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The dense model's tensor `name`, in `dtype` (default: the source's) on `device`."""
+        tensor = self.weights.read(self.names[name]).to(self.dtype)
+        return tensor.to(device=device, dtype=dtype or self.dtype)
+
+    def kv_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s K/V map in fp32 (as `_kv_tensors` of the dense model)."""
+        names = ["k_proj.weight", "v_proj.weight", "kv_layernorm.weight"]
+        if f"model.layers.{layer}.self_attn.k_proj.bias" in self.names:
+            names += ["k_proj.bias", "v_proj.bias"]
+        return {n: self.read(kv_name(layer, n)).float() for n in names}
+
+    def load(self, prefix: str, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        """Give `module` (the dense model's submodule `prefix`) its tensors, in `dtype` on `device`."""
+        start = f"{prefix}." if prefix else ""
+        state = {name: self.read(start + name, dtype, device) for name in module.state_dict()
+                 if start + name in self.names}
+        module.load_state_dict(state, strict=False, assign=True)
+
+    def model(self, dtype: torch.dtype, device: torch.device, resident: bool = True) -> CLAForCausalLM:
+        """The dense model in `dtype` on `device`; with `resident` False, a skeleton on the meta device (for
+        Calibration's `load`, one layer at a time)."""
+        with torch.device("meta"):
+            model = CLAForCausalLM(self.config).to(dtype)
+        if resident:
+            self.load("", model, dtype, device)
+            if self.config.tie_word_embeddings:
+                model.tie_weights()
+            model.model.rotary_emb = type(model.model.rotary_emb)(self.config).to(device)
+        return model.eval()
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(self.weights.info[src].shape) for src in set(self.names.values()))
+
+
+def _checkpoint_dtype(raw: dict[str, Any], weights: SourceWeights) -> torch.dtype:
+    """The dtype transformers loads a checkpoint in with dtype="auto": its config's, else its first floating
+    tensor's."""
+    named = raw.get("dtype") or raw.get("torch_dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, named.removeprefix("torch."))
+    return next((i.dtype for i in weights.info.values() if i.dtype.is_floating_point), torch.float32)
+
+
+def kv_name(layer: int, name: str) -> str:
+    """The full tensor name of a K/V map entry (`k_proj.weight`, `kv_layernorm.weight`, ...) of `layer`."""
+    return f"model.layers.{layer}.{'' if name.startswith('kv_layernorm') else 'self_attn.'}{name}"
+
+
+def dense_names(config: CLAConfig, names: set[str], kv_map: dict[str, str], what: str) -> dict[str, str]:
+    """Dense CLA tensor name -> source tensor name, for a source holding tensors `names` (a tied lm_head left
+    out); refuses a source with tensors this map does not use."""
+    target: dict[str, str] = {}
     for src, dst in GLOBAL_MAP.items():
-        if src in state:
-            target[dst] = state[src].clone()
-            used.add(src)
+        if src in names:
+            target[dst] = src
     for i in range(config.num_hidden_layers):
         for template_map in (LAYER_MAP, kv_map):
             for src, dst in template_map.items():
                 for p in (("weight", "bias") if "{p}" in src else (None,)):
-                    name = src.format(i=i, p=p)
-                    if name in state:
-                        target[dst.format(i=i, p=p)] = state[name].clone()
-                        used.add(name)
-    unused = set(state) - used
+                    if src.format(i=i, p=p) in names:
+                        target[dst.format(i=i, p=p)] = src.format(i=i, p=p)
+    unused = names - set(target.values())
     if unused:
         raise CrossLayerError(
-            f"{type(source).__name__} has weights this converter does not map: {', '.join(sorted(unused)[:5])}"
+            f"{what} has weights this converter does not map: {', '.join(sorted(unused)[:5])}"
             f"{' ...' if len(unused) > 5 else ''}; supported: {', '.join(SOURCE_ARCHITECTURES)}"
         )
-    model = _assemble(config, target)
-    model.generation_config = copy.deepcopy(source.generation_config)
-    return model
+    return target
 
 
 def _assemble(config: CLAConfig, state: dict[str, torch.Tensor]) -> CLAForCausalLM:
@@ -280,15 +364,15 @@ def _kv_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in out.items()}
 
 
-def pooled_kv(dense: CLAForCausalLM, members: list[int], kv_init: str) -> dict[str, torch.Tensor]:
-    """The K/V map of a producer whose group is `members` (of the dense model), by a calibration-free init.
+def pooled_kv(layers: list[dict[str, torch.Tensor]], kv_init: str) -> dict[str, torch.Tensor]:
+    """The K/V map of a producer whose group's members have the K/V maps `layers` (the producer's first; fp32,
+    as `_kv_tensors` gives them), by a calibration-free init.
 
     Layer j maps its input h to K_j = W_k^j diag(g_j) rms(h)^-1 h (+ b_k^j), likewise V, where g_j
     is its KV-input norm scale. first: the producer's own map. mean: W, b and g each averaged over
     the group (the paper's mean pooling of parameters; not the mean of the maps when the g_j differ).
     mean-folded: the mean of the maps, W = mean_j W^j diag(g_j), b = mean_j b^j, g = 1.
     """
-    layers = [_kv_tensors(dense.model.layers[j]) for j in members]
     if kv_init == "first":
         return layers[0]
     if kv_init == "mean":
@@ -315,8 +399,7 @@ def with_kv(dense: CLAForCausalLM, config: CLAConfig, kv: dict[int, dict[str, to
     config._attn_implementation = dense.config._attn_implementation  # the source's attention kernel
     for producer, tensors in kv.items():
         for name, tensor in tensors.items():
-            prefix = "" if name.startswith("kv_layernorm") else "self_attn."
-            state[f"model.layers.{producer}.{prefix}{name}"] = tensor.to(dtype)
+            state[kv_name(producer, name)] = tensor.to(dtype)
     model = _assemble(config, state)
     model.generation_config = copy.deepcopy(dense.generation_config)
     return model
@@ -347,14 +430,15 @@ def share_kv(dense: CLAForCausalLM, config: CLAConfig, kv_init: str = "mean",
                               f"{dense.config.kv_sources}")
     groups = kv_groups(config.kv_sources)
     if kv_init != "fit":
-        return with_kv(dense, config, {p: pooled_kv(dense, members, kv_init) for p, members in groups.items()})
+        return with_kv(dense, config, {p: pooled_kv([_kv_tensors(dense.model.layers[j]) for j in members], kv_init)
+                                       for p, members in groups.items()})
     if calibration is None:
         raise CrossLayerError("kv_init 'fit' needs calibration tokens (a (B, T) tensor of token ids)")
     if not isinstance(calibration, Calibration):
         calibration = Calibration(dense, calibration, batch_size=batch_size)
     elif calibration.dense is not dense and calibration.model is not dense:
         raise CrossLayerError("share_kv: the Calibration given was computed on another model; give its dense model")
-    kv = {p: calibration.fit(members) if len(members) > 1 else pooled_kv(dense, members, "first")
+    kv = {p: calibration.fit(members) if len(members) > 1 else _kv_tensors(dense.model.layers[p])
           for p, members in groups.items()}
     return with_kv(dense, config, kv)
 
@@ -377,8 +461,8 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
             kv_init: str = "mean", dtype: str = "auto", gguf_file: str | None = None,
             kv_sources: list[int] | None = None, plan: str | Path | None = None, search: PlanSearch | None = None,
             calibration: str | None = None, calibration_tokens: int | None = None,
-            calibration_seq_len: int | None = None, compute_dtype: str = "auto",
-            progress: bool = False) -> dict[str, Any]:
+            calibration_seq_len: int | None = None, compute_dtype: str = "auto", device: str = "auto",
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> dict[str, Any]:
     """Convert the checkpoint `src` (folder, hub id or GGUF file) into a new CLA model folder `out`;
     returns a summary.
 
@@ -387,21 +471,25 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     `crosslayer.plan.Searcher(producers=15)`), run on the calibration activations. `calibration` (a
     text file or glob, or a folder made by `crosslayer prepare` with this model's tokenizer) is read
     for `kv_init="fit"` and for a search: `calibration_tokens` tokens in sequences of
-    `calibration_seq_len`. `compute_dtype` (auto, fp32, bf16; calibration.resolve_compute_dtype) is what
-    the calibration activations and a search's plans are computed in; the weights written are `dtype`.
+    `calibration_seq_len`. Calibration runs on `device` (auto: CUDA when there is one) in `compute_dtype`
+    (auto, fp32, bf16; calibration.resolve_compute_dtype), and so does a search; the weights written are `dtype`.
 
-    `out` must not exist (or be an empty folder): nothing is ever overwritten. The model is built in
-    memory first (every check runs before anything is written), then saved to a temporary folder
-    beside `out` that is renamed to `out` at the end, or removed on any error. The tokenizer (and its
-    chat template) and the generation config come along: a folder's files byte for byte, a GGUF
-    file's or hub repository's as transformers reads them. `plan.json` records the plan, how it
-    was chosen, and the search's steps.
+    The conversion streams: the source's tensors are read one at a time (crosslayer.weights) and OUT's written
+    one at a time, as safetensors shards of at most `max_shard_bytes`. What is held at once: without
+    calibration, a tensor or two; with `fit`, one layer in the compute dtype and the calibration
+    activations; with a search, the whole model in the compute dtype (every plan runs it). The result
+    is the same, byte for byte, as `from_hf`'s model saved with save_pretrained.
+
+    `out` must not exist (or be an empty folder): nothing is ever overwritten. Every check runs before
+    anything is written; the folder is written to a temporary folder beside `out` that is renamed to
+    `out` at the end, or removed on any error. The tokenizer (and its chat template) and the generation
+    config come along: a folder's files byte for byte, a GGUF file's or hub repository's as transformers
+    reads them. `plan.json` records the plan, how it was chosen, and the search's steps.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CrossLayerError(f"{out} already exists and is not an empty folder; choose a new one (nothing is overwritten)")
     out_dtype = None if dtype == "auto" else dtype_by_name(dtype)
-    work_dtype = resolve_compute_dtype(compute_dtype)  # the CPU's, checked before any weight is read
     if kv_init not in KV_INITS:
         raise CrossLayerError(f"kv_init must be one of {', '.join(KV_INITS)}; got {kv_init!r}")
     location, gguf_file = split_model_spec(src, gguf_file)
@@ -412,6 +500,8 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     # 1. the plan: every check that needs no weights runs now
     config = _resolve_plan(raw, n, cla_factor, cla_pattern, kv_sources, plan, search)
     needs_data = _needs_calibration(config, search, kv_init, calibration, calibration_tokens, calibration_seq_len)
+    compute_device = pick_device(device)
+    work_dtype = resolve_compute_dtype(compute_dtype, compute_device)  # checked before any weight is read
     local = Path(location) if gguf_file is None and Path(location).is_dir() else None
     tokenizer = None
     if local is None or needs_data:  # a GGUF file or a hub repository: transformers builds the tokenizer
@@ -421,11 +511,12 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         seq_len = min(calibration_seq_len or CALIBRATION_SEQ_LEN, before.max_position_embeddings)
         tokens = read_calibration(calibration, tokenizer, calibration_tokens or CALIBRATION_TOKENS, seq_len)
 
-    # 2. the model, in memory (a search chooses its plan now)
-    source = load_source(location, gguf_file)
-    model, search_result = _build(source, raw, config, search, kv_init, tokens, work_dtype, progress)
-    model = model.to(out_dtype or next(source.parameters()).dtype).eval()
-    config = model.config
+    # 2. the source, opened (its tensors read when used), and each producer's K/V map (a search chooses the plan)
+    map_large_allocations()  # freed weights go back to the system, not to a heap that only grows
+    source = _open_source(location, gguf_file, raw)
+    config, kv_of, search_result = _kv_maps(source, raw, config, search, kv_init, tokens, work_dtype,
+                                            compute_device, progress)
+    out_dtype = out_dtype or source.dtype
     shares = search is not None or config.num_producer_layers < n
     record = {
         "kv_sources": config.kv_sources, "plan": describe(config.kv_sources), "layers": n,
@@ -433,22 +524,131 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         "kv_fraction": config.kv_bytes_per_token() / before.kv_bytes_per_token(),
         "chosen_by": _chosen_by(config, search, plan), "kv_init": kv_init if shares else "copy", "source": str(src),
         "calibration": None if tokens is None else {"data": calibration, "tokens": tokens.numel(),
-                                                    "seq_len": tokens.shape[1], "compute_dtype": dtype_name(work_dtype)},
+                                                    "seq_len": tokens.shape[1], "compute_dtype": dtype_name(work_dtype),
+                                                    "device": str(compute_device)},
         "search": None if search_result is None else {k: v for k, v in search_result.items() if k != "kv_sources"},
     }
 
-    # 3. the folder, atomically
-    copied = _write_atomically(out, model, local, tokenizer, record)
+    # 3. the folder, atomically, one tensor at a time
+    writer = _OutputModel(source, config, kv_of, out_dtype, _generation_config(location, gguf_file), max_shard_bytes)
+    copied = _write_atomically(out, writer, local, tokenizer, record)
     return {
         "source": str(src), "out": str(out), "architecture": (raw.get("architectures") or ["?"])[0],
         "layers": n, "producers": config.producer_layers, "kv_sources": config.kv_sources,
         "plan": record["plan"], "chosen_by": record["chosen_by"], "kv_init": record["kv_init"],
         "kv_bytes_before": before.kv_bytes_per_token(), "kv_bytes_after": config.kv_bytes_per_token(),
-        "params_before": sum(p.numel() for p in source.parameters()),
-        "params_after": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "params_before": source.num_params, "params_after": writer.num_params,
+        "dtype": str(out_dtype).removeprefix("torch."), "weight_files": writer.files,
         "tokenizer_files": copied, "calibration": record["calibration"], "search": search_result,
     }
+
+
+def _open_source(location: str, gguf_file: str | None, raw: dict[str, Any]) -> LazySource:
+    try:
+        weights = open_weights(location, gguf_file)
+    except CrossLayerError as e:  # no weight files, or not what they claim to be
+        raise CrossLayerError(f"cannot load the weights of {location}: {e}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # unreadable files
+        raise CrossLayerError(f"cannot load the weights of {location}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    source = LazySource(weights, raw, gguf=gguf_file is not None)
+    shapes = _dense_shapes(source.config)
+    found = {dst: weights.info[src].shape for dst, src in source.names.items()}
+    wrong = [f"{dst} ({list(found[dst])} in the file, {list(shape)} by config.json)"
+             for dst, shape in shapes.items() if dst in found and found[dst] != shape]
+    missing = [dst for dst in shapes if dst not in found]
+    if wrong or missing:
+        problems = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                    for what, names in (("missing", missing), ("mismatched", wrong)) if names]
+        hint = (" (config.json says tie_word_embeddings=false but the checkpoint has no lm_head.weight)"
+                if "lm_head.weight" in missing else "")
+        raise CrossLayerError(f"{location}: the weight files do not match config.json{hint}; {'; '.join(problems)}")
+    return source
+
+
+def _dense_shapes(config: CLAConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the dense model of `config` (a tied lm_head left out)."""
+    with torch.device("meta"):
+        state = CLAForCausalLM(config).state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def _kv_maps(source: LazySource, raw: dict[str, Any], config: CLAConfig | None, search: PlanSearch | None,
+             kv_init: str, tokens: torch.Tensor | None, compute_dtype: torch.dtype, device: torch.device,
+             progress: bool) -> tuple[CLAConfig, Callable[[int], dict[str, torch.Tensor]], dict[str, Any] | None]:
+    """(the plan's config, producer -> its K/V map in fp32 (computed when asked for, so one at a time is held),
+    the search's result or None). Calibration activations (on the `tokens`) are computed in `compute_dtype` on
+    `device`: with the whole model resident for a search, one layer at a time for a fit."""
+    activations, result = None, None
+    if tokens is not None:
+        model = source.model(compute_dtype, device, resident=search is not None)
+        load = None if search is not None else lambda name, module: source.load(name, module, compute_dtype, device)
+        activations = Calibration(model, tokens, progress=progress, compute_dtype=compute_dtype, load=load,
+                                  device=device)
+    if search is not None:
+        result = search(activations)
+        config = target_config(raw, kv_sources=result["kv_sources"])
+    groups = kv_groups(config.kv_sources)
+
+    def kv_of(producer: int) -> dict[str, torch.Tensor]:
+        members = groups[producer]
+        if kv_init == "fit" and len(members) > 1:
+            return {k: v.cpu() for k, v in activations.fit(members, keep=False).items()}
+        return pooled_kv([source.kv_tensors(j) for j in members], "first" if kv_init == "fit" else kv_init)
+    return config, kv_of, result
+
+
+def _generation_config(location: str, gguf_file: str | None):
+    """The generation config transformers gives the source model: its generation_config.json, else one made
+    from its config (a GGUF file's)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if gguf_file is None:
+        try:
+            with quiet_transformers():
+                return GenerationConfig.from_pretrained(location)
+        except OSError:
+            pass
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
+            AutoConfig.from_pretrained(location)
+    return GenerationConfig.from_model_config(config)
+
+
+class _OutputModel:
+    """The converted model as OUT will hold it, written one tensor at a time: the source's tensors (read when
+    written) with each producer's K/V map `kv_of(producer)` (made when its layer is written), in `dtype` (a
+    K/V map rounded to the source's dtype first, as `with_kv` does)."""
+
+    def __init__(self, source: LazySource, config: CLAConfig, kv_of: Callable[[int], dict[str, torch.Tensor]],
+                 dtype: torch.dtype, generation_config, max_shard_bytes: int) -> None:
+        self.source, self.config, self.dtype, self.max_shard_bytes = source, config, dtype, max_shard_bytes
+        self.kv_of = kv_of
+        with torch.device("meta"):
+            self.skeleton = CLAForCausalLM(config).to(dtype)  # what save_pretrained writes besides the weights
+        self.skeleton.generation_config = generation_config
+        self.layout = {name: TensorInfo(shape, dtype) for name, shape in _dense_shapes(config).items()}
+        self.num_params = sum(math.prod(info.shape) for info in self.layout.values())
+        self.files: list[str] = []
+
+    def save(self, folder: Path) -> None:
+        with quiet_transformers():
+            self.skeleton.save_pretrained(folder, state_dict={})  # config, generation config, remote code
+        writer = SafetensorsWriter(folder, self.layout, self.max_shard_bytes)
+        producers = set(self.config.producer_layers) if self.config.num_producer_layers < self.config.num_hidden_layers \
+            else set()  # an exact copy keeps every layer's own K/V
+        kv, held = {}, None
+        try:
+            for name in self.layout:  # layer by layer: a producer's K/V map is made when its layer comes
+                layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+                if layer in producers and layer != held:
+                    kv = {kv_name(layer, n): t for n, t in self.kv_of(layer).items()}
+                    held = layer
+                tensor = kv[name].to(self.source.dtype) if name in kv else self.source.read(name)
+                writer.write(name, tensor.to(self.dtype))
+            self.files = writer.close()
+        finally:
+            writer.abort()
 
 
 def _resolve_plan(raw: dict[str, Any], num_layers: int, cla_factor: int | None, cla_pattern: str,
@@ -485,22 +685,6 @@ def _needs_calibration(config: CLAConfig | None, search: PlanSearch | None, kv_i
     return needs_data
 
 
-def _build(source: nn.Module, raw: dict[str, Any], config: CLAConfig | None, search: PlanSearch | None,
-           kv_init: str, tokens: torch.Tensor | None, compute_dtype: torch.dtype,
-           progress: bool) -> tuple[CLAForCausalLM, dict[str, Any] | None]:
-    """The converted model (K/V maps in fp32, the rest in the source's dtype) and, when `search` chooses the
-    plan on the calibration `tokens`, the search's result; activations in `compute_dtype`."""
-    dense = dense_copy(source)
-    if config is not None and config.num_producer_layers == config.num_hidden_layers:
-        return dense, None
-    activations = None if tokens is None else Calibration(dense, tokens, progress=progress, compute_dtype=compute_dtype)
-    result = None
-    if search is not None:
-        result = search(activations)
-        config = target_config(raw, kv_sources=result["kv_sources"])
-    return share_kv(dense, config, kv_init, activations), result
-
-
 def _chosen_by(config: CLAConfig, search: PlanSearch | None, plan: str | Path | None) -> str:
     """How the plan of `config` was chosen, for plan.json."""
     if config.cla_pattern != "custom":
@@ -508,10 +692,10 @@ def _chosen_by(config: CLAConfig, search: PlanSearch | None, plan: str | Path | 
     return "search" if search is not None else f"plan file {plan}" if plan is not None else "kv_sources"
 
 
-def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, tokenizer: Any,
+def _write_atomically(out: Path, model: _OutputModel, local: Path | None, tokenizer: Any,
                       record: dict[str, Any]) -> list[str]:
-    """`model`, the tokenizer files (a `local` source folder's byte for byte, else `tokenizer`
-    saved), its generation config, `record` as plan.json and a model card (README.md), written to a
+    """`model` (its weights, config, generation config, remote code), the tokenizer files (a `local` source
+    folder's byte for byte, else `tokenizer` saved), `record` as plan.json and a model card (README.md), written to a
     temporary folder beside `out` that is renamed to `out` at the end, or removed on any error. Returns
     the tokenizer files written.
 
@@ -526,9 +710,9 @@ def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, toke
     except OSError as e:
         raise CrossLayerError(f"cannot write {out}: {_write_error(e)}") from None
     try:
-        with quiet_transformers():
-            model.save_pretrained(tmp)
-            if local is None:
+        model.save(tmp)
+        if local is None:
+            with quiet_transformers():
                 tokenizer.save_pretrained(tmp)
         if local is not None:
             copied = copy_tokenizer_files(local, tmp)
@@ -543,9 +727,11 @@ def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, toke
         os.umask(umask)
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp and some writers make private files; OUT looks like any folder
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        _sync(tmp)  # on disk before the rename makes it OUT: a power cut leaves OUT absent or complete too
         if out.exists():
             out.rmdir()  # empty (checked by convert); rename cannot replace a folder portably
         os.rename(tmp, out)
+        _sync(out.parent, files=False)
     except (OSError, SafetensorError) as e:  # a full disk, a read-only or vanished folder: nothing is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise CrossLayerError(f"cannot write {out}: {_write_error(e)}") from None
@@ -553,6 +739,19 @@ def _write_atomically(out: Path, model: CLAForCausalLM, local: Path | None, toke
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return copied
+
+
+def _sync(folder: Path, files: bool = True) -> None:
+    """fsync `folder`'s files (the weight files are synced as they close) and the folder itself."""
+    for path in folder.iterdir() if files else ():
+        if path.is_file() and not path.name.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _write_error(e: Exception) -> str:

@@ -9,6 +9,8 @@ from crosslayer import CLAConfig, CLAForCausalLM
 from crosslayer.__main__ import main
 from crosslayer.bench.decode import VLLM_RUNNER, build_models, bytes_per_decode_step, measure_bandwidth, vllm_reference
 
+from .test_bench_memory import assert_names_this_cpu
+
 
 def test_models_share_weights_and_the_cla1_copy_is_exact():
     llama, cla1, cla2 = build_models("tiny-H32-MQA-CLA2", torch.device("cpu"), torch.float32, 64)
@@ -52,6 +54,10 @@ def test_cli_table_ratios_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "d.json").read_text())
+    # the header names the device, then the CPU with its matrix features and GEMM peaks, as the JSON does
+    assert out.splitlines()[0].startswith(f"device: {result['device']}, float32, tiny-H32-MQA-CLA2, prompt 8, ")
+    assert out.splitlines()[1].startswith("CPU: ") and result["device"].startswith(result["cpu"]["cpu"])
+    assert_names_this_cpu(result["cpu"], out.splitlines()[1])
     assert {(r["model"], r["kv_dtype"], r["batch"]) for r in result["rows"]} == {
         (m, kv, b) for m, kvs in (("transformers", ["fp32"]), ("CLA1", ["fp32", "int8"]),
                                   ("tiny-H32-MQA-CLA2", ["fp32", "int8"])) for kv in kvs for b in (1, 2)}

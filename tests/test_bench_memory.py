@@ -1,9 +1,13 @@
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from crosslayer.__main__ import main
+from crosslayer.bench.machine import machine_fields, machine_line
 from crosslayer.bench.memory import (
     _fits,
     allocation_bytes,
@@ -13,6 +17,39 @@ from crosslayer.bench.memory import (
     largest_batch,
     measured_cache_bytes,
 )
+
+# the x86-64 flags of matrix units for 16- and 8-bit GEMMs, listed here rather than taken from crosslayer.device
+MATRIX_FLAGS = {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2"}
+
+
+def this_cpu() -> tuple[str | None, set[str]] | None:
+    """(model name, flags) of this machine's CPU, read from /proc/cpuinfo here; None where there is none."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return None
+    lines = info.read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return model, set(flags)
+
+
+def assert_names_this_cpu(caps: dict, out: str, gemm: bool = True) -> None:
+    """`caps` (a benchmark's "cpu" or "host_cpu") describes this CPU as /proc/cpuinfo does, and the table's
+    header line `out` names it and its matrix features."""
+    assert caps["threads"] == torch.get_num_threads()
+    if gemm:
+        assert caps["gemm_gflops"]["fp32"] > 1 and caps["gemm_gflops"]["bf16"] > 1
+    else:
+        assert "gemm_gflops" not in caps  # nothing measured for a GPU benchmark
+    if (cpu := this_cpu()) is None:
+        return  # no /proc/cpuinfo to check the CPU's name and flags against
+    model, flags = cpu
+    if model is not None:
+        assert caps["cpu"] == model
+    assert set(caps["features"]) == MATRIX_FLAGS & flags
+    assert caps["bf16_matrix_units"] == bool({"amx_bf16", "avx512_bf16"} & flags)
+    named = f"{caps['cpu']}, {caps['threads']} threads, matrix features: {' '.join(sorted(MATRIX_FLAGS & flags)) or 'none'}"
+    assert named in out
 
 
 @pytest.mark.parametrize("limit", [1, 7, 100])
@@ -84,8 +121,10 @@ def test_cli_table_json_and_plot(tmp_path, capsys):
                  "--batch-sizes", "1,2", "--context-lengths", "384", "--budget", "16MiB", "--decode-tokens", "4",
                  "--dtype", "fp32", "--plot", str(tmp_path / "kv.png"), "--json", "--json-out", str(tmp_path / "m.json")])
     assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "m.json").read_text())
+    assert printed.startswith("CPU: ")  # the table's header names the machine
     assert all(r["measured_bytes"] == r["analytic_bytes"] for r in result["rows"]) and len(result["rows"]) == 8
     assert {r["kv_dtype"] for r in result["rows"]} == {"fp32", "int8"}
     for c in result["capacity"]:  # the step's activations (logits: 16 KiB a row) take some, so found <= analytic
@@ -96,5 +135,60 @@ def test_cli_table_json_and_plot(tmp_path, capsys):
     at = {(c["preset"], c["kv_dtype"]): c["largest_batch"] for c in result["capacity"] if c["context"] == 384}
     assert at[("tiny-H32-MQA-CLA2", "int8")] >= 5 * at[("tiny-H32-MQA", "fp32")]  # analytic: 1024 / 136 = 7.5x
     assert (tmp_path / "kv.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["device"].startswith(result["cpu"]["cpu"]) and "gpu" not in result
+    assert_names_this_cpu(result["cpu"], printed)
     assert main(["bench", "memory", "--batch-sizes", "0"]) == 2
     assert main(["bench", "memory", "--decode-tokens", "4"]) == 2  # needs --budget
+
+
+def test_a_gpu_benchmark_names_the_gpu_and_measures_no_cpu_gemm(monkeypatch):
+    import crosslayer.bench.machine as machine
+
+    def no_gemm():
+        raise AssertionError("a GPU benchmark measured the CPU's GEMMs")
+
+    monkeypatch.setattr(machine, "cpu_capabilities", no_gemm)
+    h200 = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=150_754_820_096,
+                                 multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    fields = machine_fields(torch.device("cuda", 0))
+    # NVIDIA's H200 datasheet: 989.4 TFLOP/s dense bf16 (1,979 with sparsity)
+    assert fields["gpu"] == {"name": "NVIDIA H200", "compute_capability": "9.0", "memory_bytes": 150_754_820_096,
+                             "multiprocessors": 132, "peak_bf16_flops": 989.4e12}
+    line = machine_line(fields)
+    assert line.startswith("GPU: NVIDIA H200 (compute 9.0, 140 GiB); host CPU: ")
+    assert_names_this_cpu(fields["host_cpu"], line, gemm=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# `bench serve` with a stand-in for vLLM: its JSON and table carry the machine as the others do
+
+
+def test_bench_serve_carries_the_machine(tmp_path, capsys, monkeypatch):
+    from crosslayer import CLAConfig, CLAForCausalLM
+    from crosslayer.bench import serve
+
+    fake = types.ModuleType("vllm")
+    fake.__version__ = "0.0-fake"
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setenv("VLLM_NO_USAGE_STATS", "1")  # (the command sets it)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    served = []
+
+    def run_one(folder, budget, kv_cache_dtype, workload, *args, **kwargs):
+        served.append(folder)
+        return {"kv_capacity_tokens": budget // 1024, "block_size": 16, "wall_s": 2.0, "steps": 10,
+                "requests_per_s": len(workload) / 2, "output_tokens_per_s": 50.0, "output_tokens": 100,
+                "peak_running": 4, "preemptions": 0}
+
+    monkeypatch.setattr(serve, "run_one", run_one)
+    CLAForCausalLM(CLAConfig.from_preset("tiny-H32-MQA")).save_pretrained(tmp_path / "m")
+    code = main(["bench", "serve", "--models", f"m={tmp_path / 'm'}", "--budgets", "1MiB", "--kv-dtypes", "auto",
+                 "--requests", "4", "--prompt-len", "4:8", "--output-len", "2:4", "--out", str(tmp_path / "out"), "--json"])
+    assert code == 0 and served == [tmp_path / "m"]
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "out" / "serve.json").read_text()) == result
+    assert result["machine"].startswith(result["cpu"]["cpu"]) and "gpu" not in result
+    assert printed.startswith("CPU: ")
+    assert_names_this_cpu(result["cpu"], printed)

@@ -9,6 +9,8 @@ from crosslayer.__main__ import main
 from crosslayer.bench.train import flops_per_token
 from crosslayer.config import CLAConfig
 
+from .test_bench_memory import assert_names_this_cpu
+
 
 @pytest.mark.parametrize("preset", ["tiny-H32-MQA", "tiny-H32-MQA-CLA2", "tiny-H32-GQA2"])
 def test_flops_per_token_equals_the_flops_a_training_step_performs(preset):
@@ -38,9 +40,11 @@ def test_bench_train_reports_every_model_and_ratios(capsys, tmp_path, monkeypatc
     code = main(["bench", "train", "--presets", "tiny-H32-MQA,tiny-H32-MQA-CLA2", "--seq-len", "32",
                  "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--json", "--json-out", str(out)])
     assert code == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    result = json.loads(last)
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
+    assert printed.splitlines()[1].startswith("CPU: ")  # the header names the CPU, its matrix features and GEMM peaks
+    assert_names_this_cpu(result["cpu"], printed.splitlines()[1])
     names = [r["name"] for r in result["rows"]]
     assert names == ["transformers Llama (tiny-H32-MQA shape)", "crosslayer tiny-H32-MQA", "crosslayer tiny-H32-MQA-CLA2"]
     assert set(consumed) == {32 * 2}  # one micro-batch of 2 sequences x 32 tokens per step

@@ -154,13 +154,16 @@ def test_disk_full_in_a_small_tmpfs_is_one_line_and_nothing_at_out(tmp_path, src
 
 
 def test_disk_full_while_writing_weights_is_one_line_and_nothing_at_out(tmp_path, src, capsys, monkeypatch):
-    import transformers.modeling_utils
+    from crosslayer.weights import SafetensorsWriter
 
-    def full_disk(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    write = SafetensorsWriter.write
 
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    def full_disk(self, name, tensor):  # the disk fills once the weights are half written
+        if len(self._pending) <= len(self.layout) // 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder))
+        write(self, name, tensor)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", full_disk)
     parent = tmp_path / "outs"
     parent.mkdir()
     assert main(["convert", str(src), "--out", str(parent / "cla2"), *CONVERT]) == 2

@@ -9,7 +9,7 @@ PACKAGE = REPO / "crosslayer"
 
 # lower layers never import higher ones (module level or inside a function); README's layout section
 LAYERS = [
-    {"errors", "device"},  # device: devices, dtype tables, sync: the ground floor every layer may import
+    {"errors", "device", "weights"},  # device: devices, dtype tables, sync; weights: checkpoint files a tensor at a time
     {"recipe"},
     {"config", "quant", "cpu_decode"},  # quant: 8-bit K/V and the producers-only QuantizedCache modeling's generate builds
     {"modeling", ""},  # "" is the package root: importing it registers the model classes

@@ -25,7 +25,8 @@ whole call, prefill included) are separated inside one call, the same way for al
 Beside each figure: the roofline, i.e. bytes one decode step must read (weights + the K/V of every
 producer layer at the mean context, in the cache's dtype with its scales) over the memory bandwidth
 measured here (best of several copies of a large buffer, bytes read + written); `bw_util` = measured
-/ roofline tokens/s. Prints a table, then one JSON line.
+/ roofline tokens/s. Prints a table, then one JSON line; both name the machine (the CPU, its matrix
+features and measured GEMM peaks, or the GPU: `crosslayer.bench.machine`).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ from ..config import CLAConfig, to_llama_config
 from ..convert import from_hf, load_source, target_config
 from ..cpu_decode import CPUDecoding, cpu_compile_options
 from ..decode import fast_generate
-from ..device import cpu_capabilities, device_name, sync
+from ..device import device_name, sync
 from ..errors import CrossLayerError
 from ..kv import kv_bytes_per_token
+from .machine import machine_fields
 from .memory import kv_dtype_name, weight_bytes
 
 TRANSFORMERS_PATHS = ("generate", "static-compiled", "static-compiled-tuned")
@@ -234,9 +236,7 @@ def run_decode(models: tuple, preset: str, batch_sizes: list[int], prompt_len: i
     dtype = str(next(cla.parameters()).dtype).replace("torch.", "")
     result = {"benchmark": "decode", "device": device_name(device), "torch": torch.__version__, "preset": preset,
               "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "rows": rows,
-              "greedy_equal_to_transformers": checks}
-    if device.type == "cpu":
-        result["cpu"] = cpu_capabilities()
+              "greedy_equal_to_transformers": checks, **machine_fields(device)}
     if vllm_python:  # a reference only: its failure is reported, not raised, so our figures are kept
         try:
             vllm = vllm_reference(llama, prompts, new_tokens, repeats, vllm_python)

@@ -16,7 +16,7 @@ the cache is allocated and the step runs. The analytic answer, floor((budget - w
 KV bytes per token)), stands beside it. With `decode_tokens`, each found batch then decodes that
 many tokens greedily after a context of random K/V written straight into the cache (a real prefill
 of batch x context tokens would take minutes on a CPU and does not change what a decode step does):
-the throughput a memory budget buys.
+the throughput a memory budget buys. The JSON names the machine (`crosslayer.bench.machine`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import torch
 from ..config import CLAConfig
 from ..cpu_decode import CPUDecoding
 from ..decode import ATTENTION, ProducerCache, attention_implementation, compile_room, compiled, last_logits
-from ..device import cpu_capabilities, dtype_name, kv_storage_dtype, pick_dtype, sync
+from ..device import device_name, dtype_name, kv_storage_dtype, pick_dtype, sync
 from ..errors import CrossLayerError
 from ..kv import cache_nbytes, kv_bytes_per_token
 from ..modeling import CLAForCausalLM
+from .machine import machine_fields
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -227,11 +228,9 @@ def run_memory(presets: list[str], batch_sizes: list[int], contexts: list[int], 
                     entry["decode_tokens_per_s"] = decode_throughput(model, found, t, decode_tokens, kv_dtype, compile, cpu)
                 capacity.append(entry)
         del model
-    result = {"benchmark": "memory", "device": str(device), "dtype": dtype, "torch": torch.__version__,
-              "rows": rows, "capacity": capacity, "decode_tokens": decode_tokens, "decode_compiled": compile}
-    if device.type == "cpu":
-        result["cpu"] = cpu_capabilities()
-    return result
+    return {"benchmark": "memory", "device": device_name(device), "dtype": dtype, "torch": torch.__version__,
+            "rows": rows, "capacity": capacity, "decode_tokens": decode_tokens, "decode_compiled": compile,
+            **machine_fields(device)}
 
 
 def plot(result: dict, presets: list[str], path: str | Path) -> None:

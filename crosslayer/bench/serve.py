@@ -13,7 +13,8 @@ sequences of its twin, and fp8 twice again. Needs vLLM (`bash scripts/vllm-env.s
 
 `twin_models` writes random-weight models of a shape (the SmolLM2-135M shape by default) for a
 workload whose lengths do not depend on what the model says; `run_serve` returns one dict (rows,
-ratios, machine); `plot` draws output tokens/s against the budget.
+ratios, the machine's name and its capabilities, `crosslayer.bench.machine`); `plot` draws output
+tokens/s against the budget.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..device import device_name
 from ..errors import CrossLayerError
 from ..modeling import CLAForCausalLM
 from ..serving.offline import kv_capacity_tokens, offline_engine
+from .machine import machine_fields
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,9 @@ def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tupl
     vocab = min(c.vocab_size for c in configs.values())
     workload = make_workload(requests, prompt_len, output_len, vocab, seed)
     baseline = baseline or next(iter(models))
+    # before any engine starts: on a CPU this measures its GEMM peaks (once per process), undisturbed by vLLM's threads
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = machine_fields(device)
     rows = []
     for budget in budgets:
         for name, path in models.items():
@@ -186,7 +191,7 @@ def run_serve(models: dict[str, Path], budgets: list[int], kv_cache_dtypes: tupl
         "requests": requests, "prompt_len": list(prompt_len), "output_len": list(output_len), "seed": seed,
         "max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager,
         "models": {name: {"path": str(path), "kv_sources": configs[name].kv_sources} for name, path in models.items()},
-        "machine": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "rows": rows,
+        "machine": device_name(device), "rows": rows, **machine,
     }
 
 

@@ -10,6 +10,14 @@ from . import add_device_flags, add_json_flags, add_progress_flag, emit, int_lis
 WEIGHTS_AND_CACHE = "weights and cache (auto: bf16 on CUDA, fp32 on CPU)"
 
 
+def _print_machine(result: dict) -> None:
+    """The table header's machine line: the CPU, its matrix features and GEMM peaks, or the GPU (bench.machine)."""
+    from ..bench.machine import machine_line
+
+    if line := machine_line(result):
+        print(line)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: KV memory, decode speed, training throughput, vLLM serving",
                        description="Benchmarks that warm up, synchronise, repeat, and report medians.")
@@ -57,6 +65,7 @@ def run_memory(args: argparse.Namespace) -> int:
         raise CrossLayerError("--decode-tokens decodes at the largest batch within --budget: give --budget too")
     result = run_memory(args.presets, args.batch_sizes, args.context_lengths, budget, args.dtype,
                         pick_device(args.device), args.kv_dtypes, args.decode_tokens, args.compile)
+    _print_machine(result)
     print(f"{'preset':22s} {'KV dtype':>8s} {'batch':>5s} {'context':>7s} {'analytic KV':>13s} {'measured KV':>13s}")
     for r in result["rows"]:
         print(f"{r['preset']:22s} {r['kv_dtype']:>8s} {r['batch']:>5d} {r['context']:>7d} {r['analytic_bytes']:>13,} "
@@ -140,6 +149,7 @@ def run_decode(args: argparse.Namespace) -> int:
                                                              compile="compiled" in args.modes)]
     print(f"device: {result['device']}, {result['dtype']}, {result['model']}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, measured bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    _print_machine(result)
     print(f"{'model':22s} {'path':21s} {'KV':>5s} {'batch':>5s} {'KV B/tok':>9s} {'prefill ms':>10s} "
           f"{'decode tok/s':>12s} {'e2e tok/s':>9s} {'roofline':>9s} {'bw util':>7s}")
     for r in result["rows"]:
@@ -200,6 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = run_train_bench(bench, pick_device(args.device))
     print(f"device: {result['device']}, seq_len {args.seq_len}, {args.micro_batch} x {args.accum} sequences/step, "
           f"{result['precision']}")
+    _print_machine(result)
     print(f"{'model':45s} {'params':>9s} {'KV B/tok':>9s} {'tokens/s':>11s} {'MFU':>6s}")
     for r in result["rows"]:
         mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
@@ -289,6 +300,7 @@ def run_serve(args: argparse.Namespace) -> int:
         models = {"CLA1 (GQA3)": twins["cla1"], "CLA2": twins["cla2"]}
     result = run_serve(models, budgets, tuple(args.kv_dtypes), requests=args.requests, prompt_len=args.prompt_len,
                        output_len=args.output_len, dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=args.seed)
+    _print_machine(result)
     print(f"{'model':14s} {'KV':>5s} {'budget':>8s} {'capacity':>9s} {'x':>5s} {'req/s':>6s} {'out tok/s':>9s} "
           f"{'x':>5s} {'peak run':>8s} {'preempt':>7s} {'wall s':>7s}")
     for r in result["rows"]:

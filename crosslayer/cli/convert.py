@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from . import add_json_flags, add_progress_flag, emit, positive_int
 
@@ -20,12 +21,25 @@ def _fraction(text: str) -> float:
 _fraction.type_name = "number in (0, 1]"
 
 
+def _size(text: str) -> int:
+    """Bytes from a size like 5GB, 500MB or 2GiB (a plain number: bytes)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match[2].upper() not in units or float(match[1]) * units[match[2].upper()] < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got {text!r}")
+    return int(float(match[1]) * units[match[2].upper()])
+
+
+_size.type_name = "size"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, COMPUTE_DTYPES
     from ..config import CLA_PATTERNS
     from ..convert import KV_INITS
     from ..device import DTYPE_CHOICES
     from ..plan import METRICS, SEARCH_TOKENS
+    from . import add_device_flags
 
     p = sub.add_parser(
         "convert", help="convert a Llama / Mistral / Qwen2 (or dense crosslayer) checkpoint into a CLA model",
@@ -69,6 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with bf16 matrix units, else fp32); plan costs and the K/V fit are summed in fp32/fp64; "
                         "OUT's weights follow --dtype")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights of OUT (auto: the source's)")
+    add_device_flags(p, dtype_default=None)
+    p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
+                   help="OUT's weights in safetensors files of at most this size (default 5GB; one model.safetensors "
+                        "when the model fits in one)")
     add_progress_flag(p)
     add_json_flags(p)
     p.set_defaults(func=run)
@@ -93,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
                 gguf_file=args.gguf_file, plan=None if searching else args.plan, search=search,
                 calibration=args.calibration, calibration_tokens=args.calibration_tokens,
                 calibration_seq_len=args.calibration_seq_len, compute_dtype=args.compute_dtype,
-                progress=not args.no_progress)
+                device=args.device, max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
     n = s["layers"]
     print(f"source            {s['source']} ({s['architecture']}, {n} layers)")
     if s["calibration"]:
         c = s["calibration"]
         print(f"calibration       {c['tokens']:,} tokens ({c['tokens'] // c['seq_len']} x {c['seq_len']}) of "
-              f"{c['data']}, computed in {c['compute_dtype']}")
+              f"{c['data']}, computed in {c['compute_dtype']} on {c['device']}")
     if s["search"]:
         r = s["search"]
         unit = "nats/token KL to the original" if r["metric"] == "kl" else "nats/token loss above the original's"
@@ -112,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sharing groups    {s['plan']}")
     print(f"KV bytes / token  {s['kv_bytes_before']:,} -> {s['kv_bytes_after']:,} (16-bit)")
     print(f"parameters        {s['params_before'] / 1e6:,.2f}M -> {s['params_after'] / 1e6:,.2f}M ({s['dtype']})")
+    print(f"weights           {', '.join(s['weight_files'])}")
     print(f"tokenizer         {', '.join(s['tokenizer_files']) or 'none in the source folder'}")
     print(f"wrote             {s['out']} (plan in plan.json)")
     return emit(s, args)
