@@ -176,12 +176,15 @@ class Calibration:
     With `load`, `dense` is a skeleton on the meta device (in the compute dtype) whose weights are
     loaded one module at a time: `load(name, module)` gives the submodule `name` its weights on `device`
     just before it runs, and they are dropped after it, so only one layer is ever resident (a model
-    larger than memory calibrates; `run_layers` needs a resident model).
+    larger than memory calibrates; `run_layers` needs a resident model). With `offload` (a folder; CPU
+    only), the activations kept (hidden states, K, V) are written there as they are made and read back
+    memory-mapped, so what does not fit in memory pages from disk.
     """
 
     def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4, progress: bool = False,
                  compute_dtype: torch.dtype | None = None, compute_model: CLAForCausalLM | None = None,
-                 load: Callable[[str, nn.Module], None] | None = None, device: torch.device | str | None = None) -> None:
+                 load: Callable[[str, nn.Module], None] | None = None, device: torch.device | str | None = None,
+                 offload: Path | None = None) -> None:
         if dense.config.num_producer_layers != dense.config.num_hidden_layers:
             raise CrossLayerError("calibration needs the dense model (every layer its own producer)")
         if tokens.dim() != 2 or tokens.shape[1] < 2:
@@ -194,6 +197,9 @@ class Calibration:
             self.model = copy.deepcopy(dense).to(self.compute_dtype).eval()
         self._load = load
         device = torch.device(device) if device is not None else self.model.model.embed_tokens.weight.device
+        if offload is not None and device.type != "cpu":
+            raise CrossLayerError(f"calibration activations on {device} stay there: offload is for a CPU's")
+        self.offload = offload
         self.rotary = CLARotaryEmbedding(self.config).to(device)  # fp32 tables, whatever the weights' dtype
         self.chunks = list(tokens.to(device).split(batch_size))  # each (b, T)
         self.tokens = tokens
@@ -212,15 +218,25 @@ class Calibration:
             with self._resident("model.embed_tokens", self.model.model.embed_tokens) as embed:
                 h = [embed(c) for c in self.chunks]  # per chunk (b, T, d)
             for i in progress_bar(range(self.config.num_hidden_layers), progress, "calibration"):
+                h = self._kept(h, f"hidden-{i}")
                 self.hidden.append(h)
                 with self._resident(f"model.layers.{i}", self.model.model.layers[i]) as layer:
                     k, v = zip(*(self._kv(layer, x) for x in h), strict=True)
-                    self.keys.append(torch.cat(k))
-                    self.values.append(torch.cat(v))
+                    self.keys.append(self._kept(torch.cat(k), f"keys-{i}"))
+                    self.values.append(self._kept(torch.cat(v), f"values-{i}"))
                     self.key_metrics.append(self._key_metric(layer, h, rotations))
                     self.value_metrics.append(self._value_metric(layer))
                     h = [self._layer(layer, x, ctx, SharedKV()) for x, ctx in zip(h, self.contexts, strict=True)]
-            self.hidden.append(h)
+            self.hidden.append(self._kept(h, "hidden-last"))
+
+    def _kept(self, tensors, name: str):
+        """`tensors` (a tensor or a list of them) as kept: themselves, or with `offload` written to a file there
+        and read back memory-mapped."""
+        if self.offload is None:
+            return tensors
+        path = Path(self.offload) / f"{name}.pt"
+        torch.save(tensors, path)
+        return torch.load(path, mmap=True, weights_only=True)
 
     @contextlib.contextmanager
     def _resident(self, name: str, module: nn.Module):

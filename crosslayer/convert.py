@@ -23,9 +23,11 @@ given (`cla_factor` / `cla_pattern`, `kv_sources`, a plan file) or searched on c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -56,6 +58,8 @@ from .weights import (
     map_large_allocations,
     open_weights,
 )
+
+log = logging.getLogger(__name__)
 
 KV_INITS = ("fit", "mean", "mean-folded", "first")
 SOURCE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "CLAForCausalLM")
@@ -462,29 +466,24 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
             kv_sources: list[int] | None = None, plan: str | Path | None = None, search: PlanSearch | None = None,
             calibration: str | None = None, calibration_tokens: int | None = None,
             calibration_seq_len: int | None = None, compute_dtype: str = "auto", device: str = "auto",
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> dict[str, Any]:
-    """Convert the checkpoint `src` (folder, hub id or GGUF file) into a new CLA model folder `out`;
-    returns a summary.
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, activations: str | Path | None = "auto",
+            progress: bool = False) -> dict[str, Any]:
+    """Convert the checkpoint `src` (folder, hub id or GGUF file) into a new CLA model folder `out`; returns a summary.
 
-    The sharing plan is one of: `cla_factor` (with `cla_pattern`; 1, the default, is an exact copy),
-    `kv_sources`, `plan` (a plan file: a plan.json or a JSON list), or `search` (e.g.
-    `crosslayer.plan.Searcher(producers=15)`), run on the calibration activations. `calibration` (a
-    text file or glob, or a folder made by `crosslayer prepare` with this model's tokenizer) is read
-    for `kv_init="fit"` and for a search: `calibration_tokens` tokens in sequences of
-    `calibration_seq_len`. Calibration runs on `device` (auto: CUDA when there is one) in `compute_dtype`
-    (auto, fp32, bf16; calibration.resolve_compute_dtype), and so does a search; the weights written are `dtype`.
+    The plan: `cla_factor` (with `cla_pattern`; 1, the default, is an exact copy), `kv_sources`, `plan` (a
+    plan.json or a JSON list), or `search` (e.g. `crosslayer.plan.Searcher(producers=15)`). `calibration` (text
+    files or a glob, or a folder `crosslayer prepare` made with this tokenizer) is read for kv_init fit and a
+    search: `calibration_tokens` in sequences of `calibration_seq_len`, run on `device` in `compute_dtype`
+    (calibration.resolve_compute_dtype); `activations`: where a CPU keeps them (None: memory; a folder: there,
+    memory-mapped; auto: a temporary folder beside `out` if they would fill a quarter of the memory available).
 
-    The conversion streams: the source's tensors are read one at a time (crosslayer.weights) and OUT's written
-    one at a time, as safetensors shards of at most `max_shard_bytes`. What is held at once: without
-    calibration, a tensor or two; with `fit`, one layer in the compute dtype and the calibration
-    activations; with a search, the whole model in the compute dtype (every plan runs it). The result
-    is the same, byte for byte, as `from_hf`'s model saved with save_pretrained.
-
-    `out` must not exist (or be an empty folder): nothing is ever overwritten. Every check runs before
-    anything is written; the folder is written to a temporary folder beside `out` that is renamed to
-    `out` at the end, or removed on any error. The tokenizer (and its chat template) and the generation
-    config come along: a folder's files byte for byte, a GGUF file's or hub repository's as transformers
-    reads them. `plan.json` records the plan, how it was chosen, and the search's steps.
+    It streams: the source's tensors are read one at a time (crosslayer.weights), OUT's written one at a time
+    (safetensors shards of at most `max_shard_bytes`, in `dtype`). Held at once: a tensor or two; with fit, one
+    layer in the compute dtype and the activations; with a search, the model in the compute dtype. The
+    result equals `from_hf`'s model saved with save_pretrained, byte for byte. `out` must not exist (or be
+    empty); every check runs before anything is written, into a temporary folder beside `out` renamed to it
+    at the end (removed on any error). The tokenizer, chat template and generation config come along (a
+    folder's files byte for byte); `plan.json` records the plan, how it was chosen, and the search's steps.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -506,32 +505,34 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     tokenizer = None
     if local is None or needs_data:  # a GGUF file or a hub repository: transformers builds the tokenizer
         tokenizer = load_tokenizer(location, gguf_file)
-    tokens = None
-    if needs_data:
-        seq_len = min(calibration_seq_len or CALIBRATION_SEQ_LEN, before.max_position_embeddings)
-        tokens = read_calibration(calibration, tokenizer, calibration_tokens or CALIBRATION_TOKENS, seq_len)
+    seq_len = min(calibration_seq_len or CALIBRATION_SEQ_LEN, before.max_position_embeddings)
+    tokens = read_calibration(calibration, tokenizer, calibration_tokens or CALIBRATION_TOKENS, seq_len) \
+        if needs_data else None
 
     # 2. the source, opened (its tensors read when used), and each producer's K/V map (a search chooses the plan)
     map_large_allocations()  # freed weights go back to the system, not to a heap that only grows
     source = _open_source(location, gguf_file, raw)
-    config, kv_of, search_result = _kv_maps(source, raw, config, search, kv_init, tokens, work_dtype,
-                                            compute_device, progress)
-    out_dtype = out_dtype or source.dtype
-    shares = search is not None or config.num_producer_layers < n
-    record = {
-        "kv_sources": config.kv_sources, "plan": describe(config.kv_sources), "layers": n,
-        "producers": config.num_producer_layers, "kv_bytes_per_token": config.kv_bytes_per_token(),
-        "kv_fraction": config.kv_bytes_per_token() / before.kv_bytes_per_token(),
-        "chosen_by": _chosen_by(config, search, plan), "kv_init": kv_init if shares else "copy", "source": str(src),
-        "calibration": None if tokens is None else {"data": calibration, "tokens": tokens.numel(),
-                                                    "seq_len": tokens.shape[1], "compute_dtype": dtype_name(work_dtype),
-                                                    "device": str(compute_device)},
-        "search": None if search_result is None else {k: v for k, v in search_result.items() if k != "kv_sources"},
-    }
+    with _activations_folder(out, activations, tokens, before, work_dtype, compute_device) as offload:
+        config, kv_of, search_result = _kv_maps(source, raw, config, search, kv_init, tokens, work_dtype,
+                                                compute_device, offload, progress)
+        out_dtype = out_dtype or source.dtype
+        record = {
+            "kv_sources": config.kv_sources, "plan": describe(config.kv_sources), "layers": n,
+            "producers": config.num_producer_layers, "kv_bytes_per_token": config.kv_bytes_per_token(),
+            "kv_fraction": config.kv_bytes_per_token() / before.kv_bytes_per_token(),
+            "chosen_by": _chosen_by(config, search, plan), "source": str(src),
+            "kv_init": kv_init if search is not None or config.num_producer_layers < n else "copy",
+            "calibration": None if tokens is None else {
+                "data": calibration, "tokens": tokens.numel(), "seq_len": tokens.shape[1],
+                "compute_dtype": dtype_name(work_dtype), "device": str(compute_device),
+                "activations": "memory" if offload is None else "disk"},
+            "search": None if search_result is None else {k: v for k, v in search_result.items() if k != "kv_sources"},
+        }
 
-    # 3. the folder, atomically, one tensor at a time
-    writer = _OutputModel(source, config, kv_of, out_dtype, _generation_config(location, gguf_file), max_shard_bytes)
-    copied = _write_atomically(out, writer, local, tokenizer, record)
+        # 3. the folder, atomically, one tensor at a time
+        writer = _OutputModel(source, config, kv_of, out_dtype, _generation_config(location, gguf_file),
+                              max_shard_bytes)
+        copied = _write_atomically(out, writer, local, tokenizer, record)
     return {
         "source": str(src), "out": str(out), "architecture": (raw.get("architectures") or ["?"])[0],
         "layers": n, "producers": config.producer_layers, "kv_sources": config.kv_sources,
@@ -541,6 +542,48 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         "dtype": str(out_dtype).removeprefix("torch."), "weight_files": writer.files,
         "tokenizer_files": copied, "calibration": record["calibration"], "search": search_result,
     }
+
+
+@contextlib.contextmanager
+def _activations_folder(out: Path, setting: str | Path | None, tokens: torch.Tensor | None, config: CLAConfig,
+                        dtype: torch.dtype, device: torch.device):
+    """The folder calibration activations are kept in (None: memory): `setting` itself, or with auto a
+    temporary one beside `out` (`.OUT.PID@HOST.*.activations.partial`, removed at the end, or by the next
+    conversion to `out` if this one is killed) when they would fill more than a quarter of the memory
+    available; on a GPU, none."""
+    if tokens is None or setting is None or device.type != "cpu":
+        yield None
+        return
+    if setting != "auto":
+        folder = Path(setting)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    per_token = ((config.num_hidden_layers + 1) * config.hidden_size
+                 + 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim)
+    if tokens.numel() * per_token * dtype.itemsize <= _available_memory() / 4:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}@{socket.gethostname()}.",
+                                   suffix=".activations.partial", dir=out.parent))
+    log.info("calibration activations (%.1f GB) kept on disk in %s", tokens.numel() * per_token * dtype.itemsize / 1e9,
+             folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (elsewhere: as if unlimited)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def _open_source(location: str, gguf_file: str | None, raw: dict[str, Any]) -> LazySource:
@@ -575,7 +618,8 @@ def _dense_shapes(config: CLAConfig) -> dict[str, tuple[int, ...]]:
 
 def _kv_maps(source: LazySource, raw: dict[str, Any], config: CLAConfig | None, search: PlanSearch | None,
              kv_init: str, tokens: torch.Tensor | None, compute_dtype: torch.dtype, device: torch.device,
-             progress: bool) -> tuple[CLAConfig, Callable[[int], dict[str, torch.Tensor]], dict[str, Any] | None]:
+             offload: Path | None, progress: bool
+             ) -> tuple[CLAConfig, Callable[[int], dict[str, torch.Tensor]], dict[str, Any] | None]:
     """(the plan's config, producer -> its K/V map in fp32 (computed when asked for, so one at a time is held),
     the search's result or None). Calibration activations (on the `tokens`) are computed in `compute_dtype` on
     `device`: with the whole model resident for a search, one layer at a time for a fit."""
@@ -584,7 +628,7 @@ def _kv_maps(source: LazySource, raw: dict[str, Any], config: CLAConfig | None, 
         model = source.model(compute_dtype, device, resident=search is not None)
         load = None if search is not None else lambda name, module: source.load(name, module, compute_dtype, device)
         activations = Calibration(model, tokens, progress=progress, compute_dtype=compute_dtype, load=load,
-                                  device=device)
+                                  device=device, offload=offload)
     if search is not None:
         result = search(activations)
         config = target_config(raw, kv_sources=result["kv_sources"])

@@ -560,7 +560,8 @@ def test_cli_plan_search_writes_a_plan_a_later_conversion_reads(tmp_path, qwen2_
     plan = json.loads((out / "plan.json").read_text())
     assert plan["producers"] == 2 and len(set(plan["kv_sources"])) == 2 and plan["chosen_by"] == "search"
     assert plan["kv_init"] == "fit" and plan["calibration"] == {"data": str(calibration_text), "tokens": 256,
-                                                                 "seq_len": 64, "compute_dtype": "bf16", "device": "cpu"}
+                                                                 "seq_len": 64, "compute_dtype": "bf16", "device": "cpu",
+                                                                 "activations": "memory"}
     assert json.loads((out / "config.json").read_text())["kv_sources"] == plan["kv_sources"] == result["kv_sources"]
     assert "plan search" in printed and "merge layer" in printed and plan["plan"] in printed
     steps = plan["search"]["steps"]

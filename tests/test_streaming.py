@@ -168,6 +168,23 @@ def test_plan_search_streams_and_chooses_what_the_in_memory_search_chooses(sourc
     assert_same_files(tmp_path / "reference", tmp_path / "streamed")
 
 
+def test_activations_on_disk_give_the_same_model(sources, tmp_path, calibration_text, monkeypatch):
+    import crosslayer.convert as convert_module
+
+    src, fit = sources / "qwen2", dict(kv_init="fit", calibration=str(calibration_text), calibration_tokens=256,
+                                      calibration_seq_len=64, compute_dtype="fp32")
+    convert(src, tmp_path / "memory", cla_factor=2, activations=None, **fit)
+    convert(src, tmp_path / "disk", cla_factor=2, activations=tmp_path / "acts", **fit)
+    assert (tmp_path / "acts" / "hidden-0.pt").is_file() and (tmp_path / "acts" / "keys-3.pt").is_file()
+    same = ("model.safetensors", "config.json")
+    assert all((tmp_path / "memory" / f).read_bytes() == (tmp_path / "disk" / f).read_bytes() for f in same)
+    monkeypatch.setattr(convert_module, "_available_memory", lambda: 1000)  # auto: to disk, beside OUT, removed
+    convert(src, tmp_path / "outs" / "auto", cla_factor=2, **fit)
+    assert json.loads((tmp_path / "outs" / "auto" / "plan.json").read_text())["calibration"]["activations"] == "disk"
+    assert [p.name for p in (tmp_path / "outs").iterdir()] == ["auto"]
+    assert all((tmp_path / "memory" / f).read_bytes() == (tmp_path / "outs" / "auto" / f).read_bytes() for f in same)
+
+
 def test_sharded_output_loads_to_the_same_model(sources, tmp_path):
     convert(sources / "llama", tmp_path / "one", cla_factor=2, dtype="bf16")
     summary = convert(sources / "llama", tmp_path / "shards", cla_factor=2, dtype="bf16", max_shard_bytes=100_000)

@@ -84,6 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "OUT's weights follow --dtype")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights of OUT (auto: the source's)")
     add_device_flags(p, dtype_default=None)
+    p.add_argument("--activations", default="auto", metavar="auto|memory|DIR",
+                   help="where a CPU keeps the calibration activations: memory, a folder (written there, read back "
+                        "memory-mapped), or auto (a temporary folder beside OUT, removed after, when they would fill "
+                        "more than a quarter of the memory available)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
                    help="OUT's weights in safetensors files of at most this size (default 5GB; one model.safetensors "
                         "when the model fits in one)")
@@ -111,13 +115,14 @@ def run(args: argparse.Namespace) -> int:
                 gguf_file=args.gguf_file, plan=None if searching else args.plan, search=search,
                 calibration=args.calibration, calibration_tokens=args.calibration_tokens,
                 calibration_seq_len=args.calibration_seq_len, compute_dtype=args.compute_dtype,
-                device=args.device, max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
+                device=args.device, max_shard_bytes=args.max_shard_size,
+                activations=None if args.activations == "memory" else args.activations, progress=not args.no_progress)
     n = s["layers"]
     print(f"source            {s['source']} ({s['architecture']}, {n} layers)")
     if s["calibration"]:
         c = s["calibration"]
         print(f"calibration       {c['tokens']:,} tokens ({c['tokens'] // c['seq_len']} x {c['seq_len']}) of "
-              f"{c['data']}, computed in {c['compute_dtype']} on {c['device']}")
+              f"{c['data']}, computed in {c['compute_dtype']} on {c['device']}, kept in {c['activations']}")
     if s["search"]:
         r = s["search"]
         unit = "nats/token KL to the original" if r["metric"] == "kl" else "nats/token loss above the original's"
