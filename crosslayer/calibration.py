@@ -174,9 +174,9 @@ class Calibration:
     `compute_dtype` (default: `dense`'s) is the dtype they are computed in: `model` is `dense` in that
     dtype (`dense` itself, or a copy; `compute_model` hands over one made already), and plans run on it.
     With `load`, `dense` is a skeleton on the meta device (in the compute dtype) whose weights are
-    loaded one module at a time: `load(name, module)` gives the submodule `name` its weights on `device`
-    just before it runs, and they are dropped after it, so only one layer is ever resident (a model
-    larger than memory calibrates; `run_layers` needs a resident model). With `offload` (a folder; CPU
+    loaded one module at a time: `load(name, module)` gives the submodule `name` the weights it lacks, on
+    `device`, just before it runs, and they are dropped after it, so only one layer is ever resident (a
+    model larger than memory calibrates, and plans run, a layer at a time). With `offload` (a folder; CPU
     only), the activations kept (hidden states, K, V) are written there as they are made and read back
     memory-mapped, so what does not fit in memory pages from disk.
     """
@@ -195,8 +195,9 @@ class Calibration:
         self.model = compute_model or dense  # dense in the compute dtype: what every pass below runs
         if self.model.model.embed_tokens.weight.dtype != self.compute_dtype:
             self.model = copy.deepcopy(dense).to(self.compute_dtype).eval()
-        self._load = load
+        self.load = load
         device = torch.device(device) if device is not None else self.model.model.embed_tokens.weight.device
+        self.device = device
         if offload is not None and device.type != "cpu":
             raise CrossLayerError(f"calibration activations on {device} stay there: offload is for a CPU's")
         self.offload = offload
@@ -241,10 +242,10 @@ class Calibration:
     @contextlib.contextmanager
     def _resident(self, name: str, module: nn.Module):
         """`module` with its weights: loaded for the block and dropped after when they stream (`load`)."""
-        if self._load is None:
+        if self.load is None:
             yield module
             return
-        self._load(name, module)
+        self.load(name, module)
         try:
             yield module
         finally:
@@ -340,7 +341,8 @@ class Calibration:
                    keep_hidden: bool = False) -> Run:
         """Run `model` (a sharing plan of the dense model, e.g. convert.share_kv's) on the calibration tokens
         from layer `start` on, given `hidden` there (default: the original input of layer `start`). No
-        layer from `start` on may read the K/V of a layer before it."""
+        layer from `start` on may read the K/V of a layer before it. When the weights stream (`load`), each
+        layer's missing ones are loaded for its turn and dropped after."""
         kv_sources = model.config.kv_sources
         if any(src < start <= layer for layer, src in enumerate(kv_sources)):
             raise CrossLayerError(f"cannot run plan {describe(kv_sources)} from layer {start}: a group crosses it")
@@ -353,7 +355,7 @@ class Calibration:
             for i in range(start, len(kv_sources)):
                 if keep_hidden:
                     out.hidden[i] = h
-                layer = model.model.layers[i]
-                h = [self._layer(layer, x, ctx, s) for x, ctx, s in zip(h, self.contexts, shared, strict=True)]
+                with self._resident(f"model.layers.{i}", model.model.layers[i]) as layer:
+                    h = [self._layer(layer, x, ctx, s) for x, ctx, s in zip(h, self.contexts, shared, strict=True)]
         out.final = h
         return out

@@ -52,6 +52,7 @@ from .model_card import write_model_card
 from .modeling import CLAForCausalLM
 from .weights import (
     DEFAULT_SHARD_BYTES,
+    GGUFWeights,
     SafetensorsWriter,
     SourceWeights,
     TensorInfo,
@@ -235,6 +236,8 @@ class LazySource:
             names.discard("lm_head.weight")
         kv_map = CLA_KV_MAP if raw.get("model_type") == "crosslayer" else KV_MAP
         self.names = dense_names(self.config, names, kv_map, (raw.get("architectures") or ["the source"])[0])
+        if self.config.tie_word_embeddings:  # one tensor, two names
+            self.names["lm_head.weight"] = self.names["model.embed_tokens.weight"]
         self.dtype = torch.float32 if gguf else _checkpoint_dtype(raw, weights)
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -250,10 +253,11 @@ class LazySource:
         return {n: self.read(kv_name(layer, n)).float() for n in names}
 
     def load(self, prefix: str, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        """Give `module` (the dense model's submodule `prefix`) its tensors, in `dtype` on `device`."""
+        """Give `module` (the dense model's submodule `prefix`, or a plan's built from it) the tensors it lacks
+        (those on the meta device), in `dtype` on `device`."""
         start = f"{prefix}." if prefix else ""
-        state = {name: self.read(start + name, dtype, device) for name in module.state_dict()
-                 if start + name in self.names}
+        state = {name: self.read(start + name, dtype, device) for name, t in module.state_dict().items()
+                 if t.is_meta and start + name in self.names}
         module.load_state_dict(state, strict=False, assign=True)
 
     def model(self, dtype: torch.dtype, device: torch.device, resident: bool = True) -> CLAForCausalLM:
@@ -478,8 +482,8 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
     memory-mapped; auto: a temporary folder beside `out` if they would fill a quarter of the memory available).
 
     It streams: the source's tensors are read one at a time (crosslayer.weights), OUT's written one at a time
-    (safetensors shards of at most `max_shard_bytes`, in `dtype`). Held at once: a tensor or two; with fit, one
-    layer in the compute dtype and the activations; with a search, the model in the compute dtype. The
+    (safetensors shards of at most `max_shard_bytes`, in `dtype`). Held at once: a tensor or two; with fit or a
+    search, one layer in the compute dtype and the activations (a search on a GPU or of a GGUF file: the model). The
     result equals `from_hf`'s model saved with save_pretrained, byte for byte. `out` must not exist (or be
     empty); every check runs before anything is written, into a temporary folder beside `out` renamed to it
     at the end (removed on any error). The tokenizer, chat template and generation config come along (a
@@ -622,11 +626,14 @@ def _kv_maps(source: LazySource, raw: dict[str, Any], config: CLAConfig | None, 
              ) -> tuple[CLAConfig, Callable[[int], dict[str, torch.Tensor]], dict[str, Any] | None]:
     """(the plan's config, producer -> its K/V map in fp32 (computed when asked for, so one at a time is held),
     the search's result or None). Calibration activations (on the `tokens`) are computed in `compute_dtype` on
-    `device`: with the whole model resident for a search, one layer at a time for a fit."""
+    `device`, one layer at a time (a search on a GPU or of a GGUF file: the whole model resident)."""
     activations, result = None, None
     if tokens is not None:
-        model = source.model(compute_dtype, device, resident=search is not None)
-        load = None if search is not None else lambda name, module: source.load(name, module, compute_dtype, device)
+        # a fit reads each layer once; a search runs the model once per plan: held on a GPU (the whole search
+        # runs there) or for a GGUF file (re-reading means dequantising again), else read from the files each run
+        resident = search is not None and (device.type != "cpu" or isinstance(source.weights, GGUFWeights))
+        model = source.model(compute_dtype, device, resident=resident)
+        load = None if resident else lambda name, module: source.load(name, module, compute_dtype, device)
         activations = Calibration(model, tokens, progress=progress, compute_dtype=compute_dtype, load=load,
                                   device=device, offload=offload)
     if search is not None:

@@ -67,8 +67,14 @@ class Reference(Calibration):
     Every sum over the vocabulary is taken in fp32, HEAD_ROWS tokens at a time."""
 
     def __init__(self, dense: CLAForCausalLM, tokens: torch.Tensor, batch_size: int = 4, progress: bool = False,
-                 compute_dtype: torch.dtype | None = None, compute_model: CLAForCausalLM | None = None) -> None:
-        super().__init__(dense, tokens, batch_size, progress, compute_dtype, compute_model)
+                 compute_dtype: torch.dtype | None = None, compute_model: CLAForCausalLM | None = None,
+                 **streaming: Any) -> None:
+        """`streaming`: Calibration's `load`, `device`, `offload`; the output layer and final norm, which every
+        plan's cost needs, are then loaded once and kept."""
+        super().__init__(dense, tokens, batch_size, progress, compute_dtype, compute_model, **streaming)
+        if self.load is not None:
+            self.load("model.norm", self.model.model.norm)
+            self.load("lm_head", self.model.lm_head)
         head = self.model.lm_head
         weight = head.weight.detach().float()  # (V, d)
         self.states: list[torch.Tensor] = []  # per chunk (b*T, d) fp32: the original normed final states h0
@@ -312,8 +318,12 @@ class Searcher:
     def __call__(self, calibration: Calibration) -> dict[str, Any]:
         producers = self.check(calibration.config.num_hidden_layers)
         tokens = calibration.tokens[: max(1, self.search_tokens // calibration.tokens.shape[1])]  # (rows, T)
-        reference = Reference(calibration.dense, tokens, progress=self.progress,  # in the calibration's compute dtype
-                              compute_dtype=calibration.compute_dtype, compute_model=calibration.model)
+        offload = None if calibration.offload is None else calibration.offload / "search"
+        if offload is not None:
+            offload.mkdir(exist_ok=True)
+        reference = Reference(calibration.dense, tokens, progress=self.progress,  # as the calibration is computed
+                              compute_dtype=calibration.compute_dtype, compute_model=calibration.model,
+                              load=calibration.load, device=calibration.device, offload=offload)
         result = search(reference, producers, self.metric, progress=self.progress)
         return {**result, "search_tokens": tokens.numel()}
 

@@ -246,6 +246,30 @@ def test_calibration_streamed_one_layer_at_a_time_equals_the_resident_one(source
     assert all(torch.equal(fitted[k], reference[k]) for k in reference)
 
 
+def test_plan_search_a_layer_at_a_time_equals_the_resident_search(sources, calibration_text):
+    """The same plans measured, the same costs, exactly, with one layer of the model held at a time."""
+    from crosslayer.convert import LazySource
+
+    src = sources / "tied"  # tied: the output layer streams from the embedding
+    tokens = tokens_of(src, calibration_text)
+    source = LazySource(open_weights(str(src)), read_source_config(src))
+    cpu = torch.device("cpu")
+    resident = Searcher(producers=2, search_tokens=128)(Calibration(source.model(torch.float32, cpu), tokens))
+    skeleton = source.model(torch.float32, cpu, resident=False)
+    held = []
+
+    def load(name, module):
+        held.append(sum(p.numel() for n, p in skeleton.named_parameters() if not p.is_meta))
+        source.load(name, module, torch.float32, cpu)
+
+    streamed = Searcher(producers=2, search_tokens=128)(Calibration(skeleton, tokens, load=load, device=cpu))
+    assert streamed["kv_sources"] == resident["kv_sources"] and streamed["evaluations"] == resident["evaluations"]
+    timeless = [[{k: v for k, v in step.items() if k != "seconds"} for step in r["steps"]] for r in (streamed, resident)]
+    assert timeless[0] == timeless[1]  # every step: the same plan, cost (to the digit) and evaluations
+    assert max(held) <= sum(p.numel() for p in skeleton.model.norm.parameters()) + skeleton.lm_head.weight.numel()
+    assert len(held) > 20  # layers loaded again for every plan run
+
+
 def test_device_flag_is_checked_before_anything_is_read(sources, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
