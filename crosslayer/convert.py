@@ -56,7 +56,7 @@ from .weights import (
     SafetensorsWriter,
     SourceWeights,
     TensorInfo,
-    map_large_allocations,
+    config_object,
     open_weights,
 )
 
@@ -239,6 +239,7 @@ class LazySource:
         if self.config.tie_word_embeddings:  # one tensor, two names
             self.names["lm_head.weight"] = self.names["model.embed_tokens.weight"]
         self.dtype = torch.float32 if gguf else _checkpoint_dtype(raw, weights)
+        self._buffer: torch.Tensor | None = None  # one decoder layer's tensors (`load`)
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """The dense model's tensor `name`, in `dtype` (default: the source's) on `device`."""
@@ -254,11 +255,36 @@ class LazySource:
 
     def load(self, prefix: str, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         """Give `module` (the dense model's submodule `prefix`, or a plan's built from it) the tensors it lacks
-        (those on the meta device), in `dtype` on `device`."""
+        (those on the meta device), in `dtype` on `device`.
+
+        A decoder layer's tensors on a CPU are read into one buffer that every layer loaded after reuses
+        (`model.layers.*` are loaded one at a time, each dropped before the next: Calibration's `load`): not
+        allocated and faulted in afresh for every layer of every plan a search runs, and not freed into a
+        heap that keeps the pages between the activations held."""
         start = f"{prefix}." if prefix else ""
-        state = {name: self.read(start + name, dtype, device) for name, t in module.state_dict().items()
-                 if t.is_meta and start + name in self.names}
+        missing = {name: t for name, t in module.state_dict().items() if t.is_meta and start + name in self.names}
+        if prefix.startswith("model.layers.") and torch.device(device).type == "cpu":
+            state = self._into_buffer(start, missing, dtype)
+        else:
+            state = {name: self.read(start + name, dtype, device) for name in missing}
         module.load_state_dict(state, strict=False, assign=True)
+
+    def _into_buffer(self, start: str, missing: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        sizes = {name: -(-math.prod(t.shape) * dtype.itemsize // 64) * 64 for name, t in missing.items()}  # 64-aligned
+        if self._buffer is None or self._buffer.numel() < sum(sizes.values()):
+            self._buffer = None  # the old one freed before the new one is made
+            self._buffer = torch.empty(sum(sizes.values()), dtype=torch.uint8)
+        state, offset = {}, 0
+        for name, t in missing.items():
+            view = self._buffer[offset : offset + math.prod(t.shape) * dtype.itemsize].view(dtype).view(t.shape)
+            source = self.names[start + name]
+            if self.weights.info[source].dtype == self.dtype == dtype:
+                self.weights.read(source, out=view)  # straight from the file into place
+            else:
+                view.copy_(self.read(start + name, dtype))
+            state[name] = view
+            offset += sizes[name]
+        return state
 
     def model(self, dtype: torch.dtype, device: torch.device, resident: bool = True) -> CLAForCausalLM:
         """The dense model in `dtype` on `device`; with `resident` False, a skeleton on the meta device (for
@@ -514,7 +540,6 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         if needs_data else None
 
     # 2. the source, opened (its tensors read when used), and each producer's K/V map (a search chooses the plan)
-    map_large_allocations()  # freed weights go back to the system, not to a heap that only grows
     source = _open_source(location, gguf_file, raw)
     with _activations_folder(out, activations, tokens, before, work_dtype, compute_device) as offload:
         config, kv_of, search_result = _kv_maps(source, raw, config, search, kv_init, tokens, work_dtype,
@@ -534,7 +559,7 @@ def convert(src: str | Path, out: str | Path, cla_factor: int | None = None, cla
         }
 
         # 3. the folder, atomically, one tensor at a time
-        writer = _OutputModel(source, config, kv_of, out_dtype, _generation_config(location, gguf_file),
+        writer = _OutputModel(source, config, kv_of, out_dtype, _generation_config(location, gguf_file, raw),
                               max_shard_bytes)
         copied = _write_atomically(out, writer, local, tokenizer, record)
     return {
@@ -592,7 +617,7 @@ def _available_memory() -> int:
 
 def _open_source(location: str, gguf_file: str | None, raw: dict[str, Any]) -> LazySource:
     try:
-        weights = open_weights(location, gguf_file)
+        weights = open_weights(location, gguf_file, raw)
     except CrossLayerError as e:  # no weight files, or not what they claim to be
         raise CrossLayerError(f"cannot load the weights of {location}: {e}") from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # unreadable files
@@ -649,10 +674,10 @@ def _kv_maps(source: LazySource, raw: dict[str, Any], config: CLAConfig | None, 
     return config, kv_of, result
 
 
-def _generation_config(location: str, gguf_file: str | None):
+def _generation_config(location: str, gguf_file: str | None, raw: dict[str, Any]):
     """The generation config transformers gives the source model: its generation_config.json, else one made
-    from its config (a GGUF file's)."""
-    from transformers import AutoConfig, GenerationConfig
+    from its config `raw` (a GGUF file's)."""
+    from transformers import GenerationConfig
 
     if gguf_file is None:
         try:
@@ -661,9 +686,7 @@ def _generation_config(location: str, gguf_file: str | None):
         except OSError:
             pass
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
-            AutoConfig.from_pretrained(location)
-    return GenerationConfig.from_model_config(config)
+        return GenerationConfig.from_model_config(config_object(raw))
 
 
 class _OutputModel:

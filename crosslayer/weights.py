@@ -63,23 +63,9 @@ class SourceWeights(Protocol):
 
     info: dict[str, TensorInfo]
 
-    def read(self, name: str) -> torch.Tensor: ...
-
-
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-    """Have glibc's malloc map every block of `threshold` bytes or more on its own, so a freed one goes back to
-    the system. By default its threshold adapts upwards to the blocks freed (up to 32 MiB), after which a
-    layer's weights, freed, stay in the heap between the activations kept: a conversion streaming a 1.1B
-    model layer by layer then held twice the memory it used (1.4 GB against 0.66 GB after 22 layers). A
-    process-wide setting; nothing happens where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` (into `out`, a contiguous CPU tensor of its shape and dtype, when given)."""
+        ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,16 +109,18 @@ class SafetensorsWeights:
                 self.info[name] = info
                 self._where[name] = (path, begin, end)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         path, begin, end = self._where[name]
         info = self.info[name]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        if out is not None and (out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous()):
+            return out.copy_(self.read(name))
+        buffer = torch.empty(end - begin, dtype=torch.uint8) if out is None else out.view(torch.uint8).reshape(-1)
         with open(path, "rb") as f:
             f.seek(begin)
             got = f.readinto(memoryview(buffer.numpy())) if end > begin else 0
         if got != end - begin:
             raise CrossLayerError(f"{path}: tensor {name} is truncated")
-        return buffer.view(info.dtype).reshape(info.shape)
+        return buffer.view(info.dtype).reshape(info.shape) if out is None else out
 
 
 class TorchBinWeights:
@@ -147,53 +135,69 @@ class TorchBinWeights:
                 raise CrossLayerError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         self.info = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in self._tensors.items()}
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensors[name].clone() if out is None else out.copy_(self._tensors[name])
 
 
 class GGUFWeights:
     """The tensors of a GGUF file, each dequantised (to fp32) when read, named and laid out as transformers
     loads them (its GGUF name map and tensor processors, e.g. Llama's Q/K permutation undone)."""
 
-    def __init__(self, path: Path) -> None:
-        from gguf import GGUFReader
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
-        )
+    def __init__(self, path: Path, raw_config: dict[str, Any]) -> None:
+        """`raw_config`: the model's config as transformers reads it from the file (loading.read_source_config),
+        so the file's metadata is parsed here once more only, by the reader of its tensors."""
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
-        self.parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)  # only its tensor names are read
-        self.processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=self.parsed["config"])
-        names = get_gguf_hf_weights_map(skeleton, self.processor)  # gguf name -> transformers name
         self.reader = GGUFReader(str(path))
+        architecture = read_field(self.reader, "general.architecture")[0]  # llama.cpp's name: llama for Mistral too
+        self.parsed = {"config": raw_config}
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=raw_config)
+        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == architecture), None)
+        if arch is None:
+            raise CrossLayerError(f"{path}: GGUF architecture {architecture!r} is unknown to the gguf package")
+        gguf_names = get_tensor_name_map(arch, raw_config["num_hidden_layers"])
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config_object(raw_config))  # only its tensor names are read
+        names = {}  # gguf name -> transformers name
+        for hf_name in skeleton.state_dict():
+            base, suffix = hf_name.rsplit(".", 1)
+            if (gguf_name := gguf_names.get_name(base)) is not None:
+                names[f"{gguf_name}.{suffix}"] = hf_name
         self._tensors = {names[t.name]: t for t in self.reader.tensors if t.name in names}
         self.info = {name: TensorInfo(tuple(int(s) for s in reversed(t.shape.tolist())), torch.float32)
                      for name, t in self._tensors.items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
         tensor = self._tensors[name]
         weights = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                          tensor_key_mapping={}, parsed_parameters=self.parsed).weights
-        out = torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: the reader's pages stay shared
-        return out.reshape(self.info[name].shape)
+        tensor = torch.from_numpy(np.array(weights, dtype=np.float32)).reshape(self.info[name].shape)  # a copy
+        return tensor if out is None else out.copy_(tensor)
 
 
-def open_weights(location: str, gguf_file: str | None = None) -> SourceWeights:
-    """The weights of a checkpoint folder, hub repository (its safetensors downloaded) or GGUF file, opened lazily."""
+def config_object(raw: dict[str, Any]):
+    """A transformers config object of a config dict."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    return AutoConfig.for_model(raw["model_type"], **fields)
+
+
+def open_weights(location: str, gguf_file: str | None = None, raw_config: dict[str, Any] | None = None) -> SourceWeights:
+    """The weights of a checkpoint folder, hub repository (its safetensors downloaded) or GGUF file (with its
+    `raw_config`, loading.read_source_config's), opened lazily."""
     if gguf_file is not None:
         folder = Path(location)
         if not folder.is_dir():
             folder = Path(_download(location, [gguf_file]))
-        return GGUFWeights(folder / gguf_file)
+        if raw_config is None:
+            raise ValueError("a GGUF file's weights are opened with its config (loading.read_source_config)")
+        return GGUFWeights(folder / gguf_file, raw_config)
     folder = Path(location)
     if not folder.is_dir():
         folder = Path(_download(location, ["*.safetensors", INDEX_FILE, "*.json"]))

@@ -10,10 +10,11 @@ if [ "$DRY_RUN" = 1 ]; then
   OUT=${OUT:-runs/gpu-dry}; mkdir -p "$OUT"; export PYTHONPATH=$PWD
   DEV=cpu; TRAIN=small-H64-MQA,small-H64-MQA-CLA2; DECODE=small-H64-MQA-CLA2; SEQ=128; MB=2; STEPS=1; NEW=8; PROMPT=32
   MODES=eager; BUDGET=256MiB  # a CPU compiles with GEMM autotuning: minutes, not what a dry run checks
+  SHAPE=tiny
 else
   source scripts/gpu-env.sh
   DEV=cuda; TRAIN=1b-H128-MQA,1b-H128-MQA-CLA2; DECODE=1b-H128-MQA-CLA2; SEQ=2048; MB=4; STEPS=5; NEW=128; PROMPT=1920
-  MODES=compiled; BUDGET=80GiB
+  MODES=compiled; BUDGET=80GiB; SHAPE=tinyllama-1.1b
   timeout 60 python3 scripts/gpu_check.py | tee "$OUT/gpu-check.json" || exit 1
 fi
 step() {  # step NAME SECONDS COMMAND...: run, keep its log, note its exit status
@@ -34,16 +35,24 @@ step decode 200 python3 -m crosslayer bench decode --preset "$DECODE" --batch-si
 step memory 120 python3 -m crosslayer bench memory --presets "${TRAIN}" --kv-dtypes auto,int8 --batch-sizes 1 \
   --context-lengths "$((PROMPT + NEW))" --budget "$BUDGET" --decode-tokens 16 \
   --dtype bf16 --device "$DEV" --json-out "$OUT/memory.json"
+# 4. conversion on the GPU: a random 1.1B-shape bf16 model (made outside $OUT, never fetched back), plan search to
+#    half the KV on the device, calibration on this repository's docs (../shared is not on the lent machine)
+SCRATCH=$(mktemp -d)
+step random-model 120 python3 scripts/random_model.py "$SHAPE" "$SCRATCH/source"
+step convert 240 python3 scripts/peak_memory.py --json "$OUT/convert-memory.json" --weights-of "$SCRATCH/source" -- \
+  python3 -m crosslayer convert "$SCRATCH/source" --out "$SCRATCH/cla" --plan search --kv-budget 0.5 \
+  --calibration "docs/*.md" --device "$DEV" --no-progress --json-out "$OUT/convert.json"
+rm -rf "$SCRATCH"
 # the table last: one line per JSON written
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-for name in ("train", "decode", "memory"):
+for name in ("train", "decode", "memory", "convert-memory"):
     path = out / f"{name}.json"
     if not path.is_file():
         print(f"{name:8s} (no result: see {name}.log)")
         continue
     r = json.loads(path.read_text())
-    keys = {k: r[k] for k in ("device", "ours_over_transformers", "second_over_first") if k in r}
+    keys = {k: r[k] for k in ("device", "ours_over_transformers", "second_over_first", "wall_s", "ratio") if k in r}
     print(f"{name:8s} {json.dumps(keys)}")
 PY

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from crosslayer.__main__ import main
 from crosslayer.calibration import FIT_RIDGE, read_calibration
-from crosslayer.convert import from_hf, load_source
+from crosslayer.convert import convert, dense_copy, from_hf, load_source, read_source_config, share_kv, target_config
 from crosslayer.loading import load_tokenizer
 from crosslayer.plan import Reference, search
 
@@ -39,6 +39,17 @@ def test_cla1_of_the_gguf_equals_transformers_gguf_load(smollm2):
     assert cla.config.num_hidden_layers == 30 and cla.config.kv_bytes_per_token() == 23040
     with torch.no_grad():
         torch.testing.assert_close(cla(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_streamed_conversion_of_the_gguf_is_the_in_memory_one_byte_for_byte(smollm2, tmp_path):
+    """convert() dequantises the GGUF one tensor at a time and writes as it goes; transformers' whole-file load,
+    dense_copy, share_kv and save_pretrained give the same files."""
+    model, _, _ = smollm2
+    convert(GGUF, tmp_path / "streamed", cla_factor=2, kv_init="mean")
+    config = target_config(read_source_config(GGUF.parent, GGUF.name), cla_factor=2)
+    share_kv(dense_copy(model), config, "mean").save_pretrained(tmp_path / "reference")
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (tmp_path / "reference" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
 
 
 def test_gguf_converts_to_a_folder_a_fresh_process_loads(smollm2, tmp_path, capsys):
