@@ -184,6 +184,48 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, pt
     assert json.loads((run / "diverged.json").read_text())["step"] == 5  # what a launcher reads
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing catches it, nothing cleans up after it."""
+
+
+def test_resume_after_a_kill_while_the_output_is_written_finishes_it(tmp_path, ptb, monkeypatch):
+    cfg = load_train_config(recipe(tmp_path, ptb, max_steps=2, eval_every=2, checkpoint_every=2))
+    run = Path(cfg.out)
+    real = train_mod.Trainer.write_model_files
+
+    def dying(self, folder):  # the checkpoint's own model files pass; the run's output dies half-written
+        if Path(folder) == run:
+            (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:1000])
+            raise _Killed
+        return real(self, folder)
+
+    monkeypatch.setattr(train_mod.Trainer, "write_model_files", dying)
+    with pytest.raises(_Killed):
+        train(cfg)
+    monkeypatch.setattr(train_mod.Trainer, "write_model_files", real)
+    last = list_checkpoints(run)[-1]
+    assert last.name == "step_00000002" and not (run / "summary.json").exists()
+    summary = train(cfg)  # resumed at its last step: writes the output from that checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run)
+    expected = load_step_checkpoint_model(last).state_dict()
+    assert all(torch.equal(t, expected[name]) for name, t in model.state_dict().items())
+    assert AutoTokenizer.from_pretrained(run) is not None and (run / "README.md").is_file()
+    assert summary == json.loads((run / "summary.json").read_text()) and summary["step"] == 2
+    assert summary["val_loss"] == losses(run)[-1][1]  # the last step's validation, logged before the kill
+    # a summary of an earlier launch stopped by its time limit does not mark the output finished either; and
+    # were the last step's validation not logged, it is run again on the checkpoint's weights
+    (run / "summary.json").write_text(json.dumps({**summary, "step": 1}))
+    (run / "README.md").unlink()
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(ln + "\n" for ln in metrics if "val_loss" not in ln))
+    again = train(cfg)
+    assert again["step"] == 2 and again["val_loss"] == summary["val_loss"] and (run / "README.md").is_file()
+    assert (run / "metrics.jsonl").read_text().splitlines() == metrics
+    assert len(list_checkpoints(run)) == 1  # no step was trained again
+
+
 def test_init_starts_from_saved_weights(tmp_path, ptb):
     first = load_train_config(recipe(tmp_path, ptb, max_steps=2, eval_every=2, checkpoint_every=2))
     train(first)

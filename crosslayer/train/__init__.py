@@ -4,10 +4,12 @@
   objective.py  what a run minimises (next-token loss, or a distillation from crosslayer.recover) and
                 the validation loss
   trainer.py    Trainer: this process's device and precision, the model wrapped from outside (DDP or
-                FSDP2, then compile), the data order, and `step()`, one optimizer step
+                FSDP2, then compile), a distillation teacher (sharded like the model under FSDP2, whole
+                under DDP), the data order, and `step()`, one optimizer step
   runlog.py     metrics.jsonl, tensorboard and the progress bar
   loop.py       train(): open or resume a run folder, step, validate, checkpoint, stop on divergence or
-                the time limit, save the model
+                the time limit, save the model (summary.json, written last, marks it whole: a run killed
+                while saving it and resumed writes it from its last checkpoint)
 
 Data order is a pure function of (seed, step): sequence g of the run is chunk
 `permutation(epoch)[g % chunks]` of the token stream. Resuming needs only the step, and N

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from ..model_card import read_plan_record, training_record, write_model_card
 from .config import TrainConfig
 from .objective import evaluate
 from .runlog import RunLog, last_validation, truncate_metrics
-from .trainer import Trainer
+from .trainer import ShardedTeacher, Trainer
 
 log = logging.getLogger(__name__)
+SUMMARY = "summary.json"  # written last, whole: the run's output (model folder) is finished
 
 
 def diverged_marker(out: Path) -> Path:
@@ -36,10 +38,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     trainer = open_run(cfg, out)
     if trainer.step_idx >= trainer.total_steps:
-        _log(trainer, f"{out} is already trained to step {trainer.total_steps}")
-        if (out / "summary.json").exists():
-            return json.loads((out / "summary.json").read_text())
-        return last_validation(out)
+        summary = finished_summary(out, trainer.total_steps)
+        if summary is not None:
+            _log(trainer, f"{out} is already trained to step {trainer.total_steps}")
+            return summary
+        # killed after its last checkpoint, before its output was whole: write that from the checkpoint
+        _log(trainer, f"{out} is trained to step {trainer.total_steps}; writing its model from the last checkpoint")
+        return _finish(trainer, out)
     _log(trainer, _plan(trainer))
     with RunLog(out, trainer.rank == 0, cfg.tensorboard, cfg.progress, trainer.step_idx, trainer.total_steps) as run_log:
         last = run_steps(trainer, out, run_log)
@@ -119,10 +124,18 @@ def validate(trainer: Trainer, step: int, run_log: RunLog) -> dict[str, Any]:
 
 
 def save(trainer: Trainer, out: Path, step: int, final: bool, validation: dict[str, Any] | None = None) -> None:
-    """A checkpoint of this step; at the last step also the run's output, the model consolidated from it,
-    with a model card (README.md: the recipe, the sharing plan, `validation`, the last validation record)."""
+    """A checkpoint of this step; at the last step also the run's output (`write_output`)."""
     saved = trainer.save_checkpoint(out, step)
-    if final and trainer.rank == 0:
+    if final:
+        write_output(trainer, out, saved, step, validation)
+
+
+def write_output(trainer: Trainer, out: Path, saved: Path, step: int, validation: dict[str, Any] | None) -> None:
+    """The run's output in `out`: the model consolidated from the checkpoint `saved` of `step`, its config and
+    tokenizer, and a model card (README.md: the recipe, the sharing plan, `validation`, the last validation
+    record). summary.json, written after it (`_write_summary`), marks it whole."""
+    if trainer.rank == 0:
+        (out / SUMMARY).unlink(missing_ok=True)  # a time limit's earlier output is being replaced
         with quiet_transformers():
             ckpt.load_step_checkpoint_model(saved).save_pretrained(out)
         trainer.write_model_files(out)
@@ -130,6 +143,32 @@ def save(trainer: Trainer, out: Path, step: int, final: bool, validation: dict[s
         write_model_card(out, trainer.model_config, plan=read_plan_record(cfg.init) if cfg.init else None,
                          training=training_record(cfg.to_dict(), step, validation))
     _barrier(trainer)
+
+
+def finished_summary(out: Path, total: int) -> dict[str, Any] | None:
+    """summary.json of a run whose output is whole at step `total`, or None (absent, cut short by a kill, or
+    left by an earlier launch stopped by its time limit)."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("step") == total else None
+
+
+def _finish(trainer: Trainer, out: Path) -> dict[str, Any]:
+    """The output of a run trained to its last step whose output was not finished: written from the last
+    checkpoint (the state `trainer` resumed), validated again only if that step's validation was not logged."""
+    step = trainer.step_idx
+    last = last_validation(out)
+    logged = torch.tensor([float(last.get("step") == step)], device=trainer.device)
+    if trainer.distributed:  # rank 0's log decides: validation is a collective
+        dist.broadcast(logged, 0)
+    if not logged.item():
+        cfg = trainer.cfg
+        with RunLog(out, trainer.rank == 0, cfg.tensorboard, False, step, trainer.total_steps) as run_log:
+            last = validate(trainer, step, run_log)
+    write_output(trainer, out, ckpt.list_checkpoints(out)[-1], step, last)
+    return _write_summary(trainer, out, last)
 
 
 def _stop_if_diverged(trainer: Trainer, out: Path, loss: float, step: int) -> None:
@@ -148,16 +187,24 @@ def _stop_if_diverged(trainer: Trainer, out: Path, loss: float, step: int) -> No
 def _plan(trainer: Trainer) -> str:
     cfg, config = trainer.cfg, trainer.model_config
     n_params = sum(p.numel() for p in trainer.raw_model.parameters())
-    return (f"training {n_params / 1e6:.2f}M parameters, KV {config.kv_bytes_per_token()} B/token (16-bit), "
+    plan = (f"training {n_params / 1e6:.2f}M parameters, KV {config.kv_bytes_per_token()} B/token (16-bit), "
             f"{trainer.total_steps} steps x {cfg.batch_tokens} tokens, {trainer.world} process(es), "
             f"{trainer.accum} micro-batch(es) of {trainer.micro}, {trainer.device}, {trainer.precision}")
+    if trainer.teacher is not None:
+        params = list(trainer.teacher.parameters())
+        held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        plan += (f"; teacher {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {held / 1e6:.2f}M on this "
+                 f"process ({'sharded like the model, FSDP2' if isinstance(trainer.teacher, ShardedTeacher) else 'whole'})")
+    return plan
 
 
 def _write_summary(trainer: Trainer, out: Path, last: dict[str, Any]) -> dict[str, Any]:
     summary = {**last, "parameters": sum(p.numel() for p in trainer.raw_model.parameters()),
                "kv_bytes_per_token": trainer.model_config.kv_bytes_per_token()}
     if trainer.rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = out / f".{SUMMARY}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / SUMMARY)  # whole or absent: it marks the output finished
         _log(trainer, f"done: val loss {last.get('val_loss', float('nan')):.4f}, "
                       f"ppl {last.get('val_ppl', float('nan')):.2f}; model saved to {out}")
     return summary

@@ -3,6 +3,8 @@
 The model is written for one device; the loss's output layer (`crosslayer.losses.HeadLoss`, which
 computes vocabulary-wide losses a chunk of rows at a time), data parallelism (DDP or FSDP2
 `fully_shard`), mixed precision and `torch.compile` are applied here, from outside, in that order.
+A distillation teacher (frozen, forward only) is cast to bf16 when the run trains in bf16, sharded
+like the student under FSDP2 (`ShardedTeacher`; whole on every process under DDP), then compiled.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import os
 import shutil
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import CLAConfig, load_config
@@ -32,6 +36,8 @@ from .config import TrainConfig
 from .objective import training_objective
 
 logger = logging.getLogger(__name__)
+# objectives that call the model's layers one by one instead of its forward (crosslayer.recover)
+LAYERWISE_OBJECTIVES = ("attention",)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -108,6 +114,68 @@ def build_model_config(cfg: TrainConfig, meta: dict) -> CLAConfig:
     return config
 
 
+class ShardedTeacher(nn.Module):
+    """A frozen teacher sharded by FSDP2 as the student is (`shard`: `fully_shard` per decoder layer, then the
+    rest, the embeddings, final norm and output layer, as the root), forward only.
+
+    To the objectives it is the teacher itself: they call `model(input_ids=...)` (its base model; hooks on
+    `model.layers[i]` see the real layers) and read `lm_head.weight` after that call. Each call of `model`
+    runs through this module's forward, FSDP's root, so every process takes part in it (a collective: each
+    process runs the teacher as often as the others); the layers are gathered one at a time and the root's
+    parameters for the call, after which the output layer's weight stays whole, a copy, until `release()`.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self._head: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        out = self.lm.model(input_ids=input_ids, **kwargs)
+        self._head = self.lm.lm_head.weight.detach().clone()  # whole now; resharded (freed) when this returns
+        return out
+
+    @classmethod
+    def shard(cls, lm: nn.Module) -> ShardedTeacher:
+        from torch.distributed.fsdp import fully_shard
+
+        teacher = cls(lm).eval()
+        for layer in lm.model.layers:
+            fully_shard(layer)
+        fully_shard(teacher, reshard_after_forward=True)
+        return teacher
+
+    @property
+    def model(self) -> _TeacherBase:
+        return _TeacherBase(self)
+
+    @property
+    def lm_head(self) -> SimpleNamespace:
+        if self._head is None:
+            raise RuntimeError("a sharded teacher's output weight is whole only from a call of its model to release()")
+        return SimpleNamespace(weight=self._head)
+
+    def release(self) -> None:
+        """Free the output layer's weight kept whole since the last call."""
+        self._head = None
+
+
+class _TeacherBase:
+    """A sharded teacher's base model as the objectives use it: called, it runs through the FSDP root."""
+
+    def __init__(self, teacher: ShardedTeacher) -> None:
+        self._teacher = teacher
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs):
+        try:
+            return self._teacher(input_ids, **kwargs)
+        finally:  # FSDP may keep a root's parameters gathered after forward, for a backward a teacher never has
+            self._teacher.reshard()
+
+    def __getattr__(self, name: str):
+        return getattr(self._teacher.lm.model, name)
+
+
 class Trainer:
     """Owns the model, optimizer and data order of one run; `step()` is one optimizer step."""
 
@@ -116,6 +184,11 @@ class Trainer:
         self.rank, self.local_rank, self.world = _dist_env()
         self.distributed = self.world > 1
         self.device = _process_device(cfg.device, self.local_rank)
+        # an objective that runs the model's layers one by one, outside its forward, bypasses a DDP or FSDP wrapper
+        self.layerwise = cfg.objective in LAYERWISE_OBJECTIVES
+        if self.distributed and self.layerwise and cfg.parallel == "fsdp":
+            raise CrossLayerError(f"objective {cfg.objective} runs the model's layers one by one, outside FSDP's forward, "
+                                  "which gathers their weights: use parallel: ddp with it")
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
@@ -173,13 +246,22 @@ class Trainer:
             model.gradient_checkpointing_enable()  # the name transformers 5.16+ all have
         self.raw_model = model.to(self.device).train()
         self.teacher = load_teacher(cfg.teacher, self.model_config, self.device) if cfg.teacher else None
-        # as loaded (before a cast or compile renames or rounds anything): names the offline teacher's store
+        # as loaded (before a cast, shard or compile renames or rounds anything): names the offline teacher's store
         self.teacher_fingerprint = model_fingerprint(self.teacher) if self.teacher is not None else None
-        if self.teacher is not None and self.precision != "fp32":
-            self.teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and no cast per forward
-        if self.teacher is not None and cfg.compile:
-            self.teacher.model = torch.compile(self.teacher.model)  # its forward's elementwise work fused too
+        if self.teacher is not None:
+            self.teacher = self._wrap_teacher(self.teacher)
         self.model = self._wrap(HeadLoss(self.raw_model))
+
+    def _wrap_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher in this run's precision, sharded under FSDP2, compiled if the run compiles."""
+        if self.precision != "fp32":
+            teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and no cast per forward
+        base = teacher
+        if self.distributed and self.cfg.parallel == "fsdp":
+            teacher = ShardedTeacher.shard(teacher)  # as the student: no process holds all of it between uses
+        if self.cfg.compile:
+            base.model = torch.compile(base.model)  # its forward's elementwise work fused too
+        return teacher
 
     def _teacher_store(self) -> TopKStore:
         """The offline teacher's top-k store of this run's training tokens, beside the data unless named; one
@@ -209,6 +291,8 @@ class Trainer:
                 if isinstance(layer, CLADecoderLayer):
                     fully_shard(layer, mp_policy=mp)
             fully_shard(model, mp_policy=mp)
+        elif self.distributed and self.layerwise:
+            pass  # DDP would not see its forward: step() averages the gradients itself
         elif self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -225,6 +309,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         first = step * self.per_rank * self.world + self.rank * self.per_rank
+        if isinstance(self.objective, OfflineLogitDistillation) and isinstance(self.teacher, ShardedTeacher):
+            self._fill_store_together(range(first, first + self.per_rank))
         loss_sum = torch.zeros((), device=self.device)
         for k in range(self.accum):
             sequences = range(first + k * self.micro, first + (k + 1) * self.micro)
@@ -236,6 +322,12 @@ class Trainer:
                 loss = self.objective(self.model, batch)
             (loss / self.accum).backward()
             loss_sum += loss.detach()
+            if isinstance(self.teacher, ShardedTeacher):
+                self.teacher.release()
+        if self.distributed and self.layerwise:
+            for p in self.raw_model.parameters():
+                if p.grad is not None:  # the same parameters on every process
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.zeros(()))
         self.optimizer.step()
@@ -248,8 +340,26 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
 
+    def _fill_store_together(self, sequences: range, windows_per_forward: int = 4) -> None:
+        """The offline teacher's store holds this step's windows of every process after this. A sharded
+        teacher's forward is a collective, so each process computes the windows it lacks of its own
+        sequences in as many forwards as the process with the most to compute; a process out of windows,
+        or finding a group computed meanwhile by another, runs the teacher on one token instead."""
+        store = self.objective.store
+        todo = sorted({w for w in self.order.windows(sequences) if not store.done[w]})
+        groups = [todo[i:i + windows_per_forward] for i in range(0, len(todo), windows_per_forward)]
+        forwards = torch.tensor([len(groups)], device=self.device)
+        dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
+        for i in range(int(forwards.item())):
+            computed = (store.fill(groups[i], self.teacher, self.device, self.autocast, batch=windows_per_forward)
+                        if i < len(groups) else 0)
+            if not computed:
+                with torch.no_grad(), self.autocast:
+                    self.teacher.model(torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=False)
+            self.teacher.release()
+
     def _no_sync(self, last: bool) -> AbstractContextManager:
-        if self.distributed and self.cfg.parallel == "ddp" and not last:
+        if self.distributed and self.cfg.parallel == "ddp" and not last and not self.layerwise:
             return self.model.no_sync()
         if self.distributed and self.cfg.parallel == "fsdp":
             self.model.set_requires_gradient_sync(last)
