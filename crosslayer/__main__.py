@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "crosslayer.cli.train",
     "kv": "crosslayer.cli.kv",
     "convert": "crosslayer.cli.convert",
+    "frontier": "crosslayer.cli.frontier",
     "generate": "crosslayer.cli.generate",
     "eval": "crosslayer.cli.eval",
     "bench": "crosslayer.cli.bench",

@@ -11,10 +11,12 @@ original's on those tokens. A plan that equals another before layer `start` is m
 plan's hidden state at `start`, so only the layers from there on run.
 
 `search` (contiguous groups of any size): greedy merging of adjacent groups, each merge measured on the
-whole plan, then boundary moves kept while they lower the cost (see `search`). Each producer's K/V
-map is fitted by weighted least squares on the original model's activations (`Calibration.fit`),
-the `fit` initialisation of convert.share_kv. `Searcher` packs a search for `convert.convert(search=...)`:
-it scores plans on the first SEARCH_TOKENS calibration tokens (the fit of the final model uses all).
+whole plan, down to a number of producers or while the next merge stays within a bound on the cost, then
+boundary moves kept while they lower the cost (see `search`). Each producer's K/V map is fitted by weighted
+least squares on the original model's activations (`Calibration.fit`), the `fit` initialisation of
+convert.share_kv. `Searcher` packs a search for `convert.convert(search=...)` (producers, a KV budget, or a
+bound on the KL): it scores plans on the first SEARCH_TOKENS calibration tokens (`search_reference`; the fit
+of the final model uses all). crosslayer.frontier runs one search through every budget.
 """
 
 from __future__ import annotations
@@ -188,9 +190,11 @@ class _Search:
         before = describe(from_groups(self.sizes))
         self.sizes, self.cost = sizes, cost
         self.hidden.update(run.hidden)
-        plan = describe(from_groups(sizes))
-        self.steps.append({"step": what, "from": before, "plan": plan, "producers": len(sizes), "cost": round(cost, 5),
-                           "evaluations": self.evaluations, "seconds": round(time.perf_counter() - self.t0, 1)})
+        kv_sources = from_groups(sizes)
+        plan = describe(kv_sources)
+        self.steps.append({"step": what, "from": before, "plan": plan, "kv_sources": kv_sources, "producers": len(sizes),
+                           "cost": round(cost, 5), "evaluations": self.evaluations,
+                           "seconds": round(time.perf_counter() - self.t0, 1)})
         log.info(f"[plan] {what}: {plan}: cost {cost:.4f} ({self.evaluations} runs, {time.perf_counter() - self.t0:.0f} s)")
 
 
@@ -199,8 +203,11 @@ def _merged(sizes: list[int], g: int) -> list[int]:
     return sizes[:g] + [sizes[g] + sizes[g + 1]] + sizes[g + 2 :]
 
 
-def _merge_greedily(state: _Search, producers: int) -> None:
-    """Lazy greedy merging down to `producers` groups (step 1 of `search`)."""
+def _merge_greedily(state: _Search, producers: int, max_cost: float | None = None) -> dict[str, Any] | None:
+    """Lazy greedy merging down to `producers` groups, or until the next merge would raise the cost above
+    `max_cost` (step 1 of `search`). Returns that refused merge ({step, cost}), or None."""
+    if len(state.sizes) <= producers:
+        return None  # nothing to merge: not even the candidates are measured
     bar = progress_bar(None, state.progress, "plan search", total=len(state.sizes) - producers)
     # a candidate is a boundary: the first layer of a group that would join the group before it.
     # heap entries: (cost rise when last measured, boundary layer, at step)
@@ -218,7 +225,13 @@ def _merge_greedily(state: _Search, producers: int) -> None:
         g = starts.index(boundary) - 1
         candidate = _merged(state.sizes, g)
         if measured_at == step and boundary in runs:  # measured on the current plan and still the best
-            state.accept(candidate, state.cost + rise, runs[boundary], f"merge layer {boundary} into group {starts[g]}")
+            what = f"merge layer {boundary} into group {starts[g]}"
+            if max_cost is not None and state.cost + rise > max_cost:
+                if bar:
+                    bar.close()
+                log.info(f"[plan] stop: {what} would cost {state.cost + rise:.4f} > {max_cost:g}")
+                return {"step": what, "cost": round(state.cost + rise, 5)}
+            state.accept(candidate, state.cost + rise, runs[boundary], what)
             step, runs = step + 1, {}
             if bar:
                 bar.update(1)
@@ -227,6 +240,7 @@ def _merge_greedily(state: _Search, producers: int) -> None:
         heapq.heappush(heap, (cost - state.cost, boundary, step))
     if bar:
         bar.close()
+    return None
 
 
 def _move_boundaries(state: _Search, rounds: int) -> None:
@@ -254,7 +268,7 @@ def _move_boundaries(state: _Search, rounds: int) -> None:
 
 
 def search(reference: Reference, producers: int, metric: str = "kl", refine_rounds: int = 1,
-           progress: bool = False, start: list[int] | None = None) -> dict[str, Any]:
+           progress: bool = False, start: list[int] | None = None, max_cost: float | None = None) -> dict[str, Any]:
     """The contiguous sharing plan of `producers` groups that costs least on the calibration data, as
     far as this search finds it (module docstring):
 
@@ -262,19 +276,25 @@ def search(reference: Reference, producers: int, metric: str = "kl", refine_roun
          raises the cost of the whole plan least (the earlier group's producer serves both), until
          `producers` groups are left (or from the contiguous plan `start`, e.g. an earlier search's
          result for more producers, continuing its merges). Merge costs are kept from earlier steps and only the best one is
-         measured again on the current plan, until the best stays best (lazy greedy);
+         measured again on the current plan, until the best stays best (lazy greedy). With `max_cost`, merging
+         also stops before the merge it would make next when that would raise the plan's cost above `max_cost`
+         (so the plan has between `producers` and all the layers' groups);
       2. boundary moves: the first layer of a group joins the group before it, or the last layer of a
          group joins the one after it, kept whenever the whole plan's cost falls; `refine_rounds`
          passes over every boundary at most.
 
     Every cost is measured on the whole model with fitted K/V maps (`Reference.cost`). Returns
-    kv_sources, its cost and every step taken (plan, cost, runs so far, seconds).
+    kv_sources, its producers and cost, every step taken (plan, kv_sources, cost, runs so far, seconds), and
+    `refused`: the merge `max_cost` stopped (step, cost), or None. The merges do not depend on `producers`:
+    a search for fewer producers takes the same merges first.
     """
     if metric not in METRICS:
         raise CrossLayerError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     n = reference.config.num_hidden_layers
     if not 1 <= producers <= n:
         raise CrossLayerError(f"producers must be between 1 and the model's {n} layers; got {producers}")
+    if max_cost is not None and not max_cost >= 0:
+        raise CrossLayerError(f"max_cost must be a number >= 0 (the most the plan may cost); got {max_cost}")
     sizes = None
     if start is not None:
         sizes = [len(m) for m in kv_groups(start).values()]
@@ -283,47 +303,63 @@ def search(reference: Reference, producers: int, metric: str = "kl", refine_roun
         if len(sizes) < producers:
             raise CrossLayerError(f"the start plan has {len(sizes)} producers, fewer than the {producers} asked for")
     state = _Search(reference, metric, progress, sizes)
-    _merge_greedily(state, producers)
+    refused = _merge_greedily(state, producers, max_cost)
     _move_boundaries(state, refine_rounds)
     kv_sources = from_groups(state.sizes)
-    return {"kv_sources": kv_sources, "plan": describe(kv_sources), "producers": producers, "metric": metric,
-            "cost": state.cost, "evaluations": state.evaluations, "steps": state.steps,
+    return {"kv_sources": kv_sources, "plan": describe(kv_sources), "producers": len(state.sizes), "metric": metric,
+            "cost": state.cost, "evaluations": state.evaluations, "steps": state.steps, "refused": refused,
             "seconds": round(time.perf_counter() - state.t0, 1)}
+
+
+def search_reference(calibration: Calibration, search_tokens: int = SEARCH_TOKENS, progress: bool = False) -> Reference:
+    """The Reference a search scores plans on: the first `search_tokens` of `calibration`'s tokens (whole
+    sequences, at least one), computed as the calibration was (its compute model, streamed weights, device,
+    and a `search` folder inside its offload folder)."""
+    tokens = calibration.tokens[: max(1, search_tokens // calibration.tokens.shape[1])]  # (rows, T)
+    offload = None if calibration.offload is None else calibration.offload / "search"
+    if offload is not None:
+        offload.mkdir(exist_ok=True)
+    return Reference(calibration.dense, tokens, progress=progress, compute_dtype=calibration.compute_dtype,
+                     compute_model=calibration.model, load=calibration.load, device=calibration.device, offload=offload)
 
 
 @dataclass
 class Searcher:
-    """A plan search for `convert.convert(search=...)`: `producers` groups, or as many as `kv_budget` (a
-    fraction of the dense model's KV bytes) allows; plans scored on the first `search_tokens` of the
-    calibration tokens (whole sequences, at least one)."""
+    """A plan search for `convert.convert(search=...)`: `producers` groups, as many as `kv_budget` (a fraction
+    of the dense model's KV bytes) allows, or as few as the merges reach while the plan's KL to the original
+    stays within `max_kl` (nats per token: merging stops before a merge that would cost more; metric kl); plans
+    scored on the first `search_tokens` of the calibration tokens (whole sequences, at least one)."""
 
     producers: int | None = None
     kv_budget: float | None = None
     metric: str = "kl"
     search_tokens: int = SEARCH_TOKENS
     progress: bool = False
+    max_kl: float | None = None
 
     def check(self, num_layers: int) -> int:
-        """The number of producers for a model of `num_layers` layers; refuses settings that cannot work."""
-        if (self.producers is None) == (self.kv_budget is None):
-            raise CrossLayerError("plan search: give exactly one of producers (a number of K/V-producing layers) "
-                                  "or kv_budget (a fraction of the original KV bytes, e.g. 0.5)")
+        """The number of producers the search merges down to (with max_kl: at most, 1) for a model of
+        `num_layers` layers; refuses settings that cannot work."""
+        if sum(x is not None for x in (self.producers, self.kv_budget, self.max_kl)) != 1:
+            raise CrossLayerError("plan search: give exactly one of producers (a number of K/V-producing layers), "
+                                  "kv_budget (a fraction of the original KV bytes, e.g. 0.5) or max_kl (the most KL "
+                                  "to the original model the plan may cost, nats per token)")
+        if self.metric not in METRICS:
+            raise CrossLayerError(f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
+        if self.max_kl is not None:
+            if self.metric != "kl":
+                raise CrossLayerError(f"max_kl bounds the KL to the original model: it needs metric kl, not "
+                                      f"{self.metric!r}")
+            if not self.max_kl >= 0:
+                raise CrossLayerError(f"max_kl must be a number >= 0 (nats per token); got {self.max_kl}")
+            return 1
         producers = self.producers if self.kv_budget is None else producers_for_budget(self.kv_budget, num_layers)
         if not 1 <= producers <= num_layers:
             raise CrossLayerError(f"producers must be between 1 and the model's {num_layers} layers; got {producers}")
-        if self.metric not in METRICS:
-            raise CrossLayerError(f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
         return producers
 
     def __call__(self, calibration: Calibration) -> dict[str, Any]:
         producers = self.check(calibration.config.num_hidden_layers)
-        tokens = calibration.tokens[: max(1, self.search_tokens // calibration.tokens.shape[1])]  # (rows, T)
-        offload = None if calibration.offload is None else calibration.offload / "search"
-        if offload is not None:
-            offload.mkdir(exist_ok=True)
-        reference = Reference(calibration.dense, tokens, progress=self.progress,  # as the calibration is computed
-                              compute_dtype=calibration.compute_dtype, compute_model=calibration.model,
-                              load=calibration.load, device=calibration.device, offload=offload)
-        result = search(reference, producers, self.metric, progress=self.progress)
-        return {**result, "search_tokens": tokens.numel()}
-
+        reference = search_reference(calibration, self.search_tokens, self.progress)
+        result = search(reference, producers, self.metric, progress=self.progress, max_cost=self.max_kl)
+        return {**result, "search_tokens": reference.num_tokens, "max_kl": self.max_kl}

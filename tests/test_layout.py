@@ -18,7 +18,7 @@ LAYERS = [
     {"convert", "calibration", "data", "generate"},
     {"recover", "plan"},
     {"train"},
-    {"eval", "bench", "sweep", "plot", "quickstart", "serving"},
+    {"eval", "bench", "sweep", "plot", "quickstart", "serving", "frontier"},  # frontier: a search + held-out ppl
     {"cli", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

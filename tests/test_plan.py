@@ -201,3 +201,45 @@ def test_searcher_scores_on_the_first_search_tokens(setup):
     assert searcher.check(8) == 4 and result["producers"] == 4 and result["search_tokens"] == 64
     alone = search(Reference(reference.dense, tokens[:2]), producers=4)
     assert result["kv_sources"] == alone["kv_sources"] and result["cost"] == pytest.approx(alone["cost"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# A bound on the KL instead of a budget
+
+
+def test_max_kl_picks_the_plan_a_scan_of_the_merges_picks(setup):
+    """Searcher(max_kl=X) ends at the producer count a plain scan of a full search's merges gives (the count
+    before the first merge costing more than X), with that count's search result (merges, then boundary moves),
+    and records the merge it did not take."""
+    source, tokens, setup_reference = setup
+    reference = Reference(setup_reference.dense, tokens)  # chunked as the Searcher's, so the same costs to the bit
+    merges = search(reference, producers=1, refine_rounds=0)["steps"]
+    assert [s["producers"] for s in merges] == list(range(7, 0, -1))
+    calibration = Calibration(reference.dense, tokens)
+    for k in (0, 2, 4):
+        bound = (merges[k]["cost"] + merges[k + 1]["cost"]) / 2
+        expected = 8
+        for step in merges:  # the scan: merges are taken in order until one costs more than the bound
+            if step["cost"] > bound:
+                break
+            expected = step["producers"]
+        result = Searcher(max_kl=bound, search_tokens=tokens.numel())(calibration)
+        assert result["producers"] == expected and result["max_kl"] == bound
+        assert result["kv_sources"] == search(reference, producers=expected)["kv_sources"]
+        assert result["cost"] <= bound and result["refused"]["cost"] > bound
+        assert result["refused"]["step"] == merges[8 - expected]["step"]
+        model = from_hf(source, kv_sources=result["kv_sources"], kv_init="fit", calibration=tokens)
+        assert kl_of(source, model, tokens) <= bound + 2e-5
+    below_every_merge = Searcher(max_kl=merges[0]["cost"] / 2, search_tokens=tokens.numel())(calibration)
+    assert below_every_merge["kv_sources"] == list(range(8)) and below_every_merge["cost"] == 0.0
+    assert Searcher(max_kl=1e9, search_tokens=tokens.numel())(calibration)["producers"] == 1
+
+
+def test_max_kl_settings_are_checked():
+    with pytest.raises(CrossLayerError, match="give exactly one of producers .*, kv_budget .* or max_kl"):
+        Searcher(producers=2, max_kl=0.1).check(8)
+    with pytest.raises(CrossLayerError, match="max_kl bounds the KL to the original model: it needs metric kl"):
+        Searcher(max_kl=0.1, metric="loss").check(8)
+    with pytest.raises(CrossLayerError, match="max_kl must be a number >= 0"):
+        Searcher(max_kl=-1.0).check(8)
+    assert Searcher(max_kl=0.1).check(8) == 1

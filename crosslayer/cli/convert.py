@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from . import add_json_flags, add_progress_flag, emit, positive_int
+from . import add_json_flags, add_progress_flag, emit, non_negative_float, positive_int
 
 
 def _fraction(text: str) -> float:
@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Turn a pretrained checkpoint (a folder, a hub id, or a GGUF file, dequantised) into a CLA model "
         "folder: each sharing group's K/V projections are initialised from the group's layers; everything else is "
         "copied, with the tokenizer, chat template and generation config; plan.json records the plan. The plan is "
-        "--cla-factor (with --cla-pattern), a --plan FILE, or --plan search with --producers or --kv-budget: the "
-        "contiguous groups that cost least (KL to the original model) on --calibration text. Recover quality "
+        "--cla-factor (with --cla-pattern), a --plan FILE, or --plan search with --producers, --kv-budget or "
+        "--max-kl: the contiguous groups that cost least (KL to the original model) on --calibration text. Recover quality "
         "afterwards with `crosslayer train RECIPE --init OUT`.",
     )
     p.add_argument("src", help="source: checkpoint folder, hub id, or .gguf file")
@@ -56,11 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cla-factor", type=positive_int, default=None, help="layers per sharing group (1: an exact copy)")
     p.add_argument("--cla-pattern", default="uniform", choices=CLA_PATTERNS, help="which layers produce K/V")
     p.add_argument("--plan", default=None, metavar="search|FILE",
-                   help="search: measure and choose the plan (with --producers or --kv-budget); FILE: a plan.json "
+                   help="search: measure and choose the plan (with --producers, --kv-budget or --max-kl); FILE: a plan.json "
                         "(e.g. of an earlier conversion) or a JSON list of K/V source layers")
     p.add_argument("--producers", type=positive_int, default=None, help="plan search: layers that produce K/V")
     p.add_argument("--kv-budget", type=_fraction, default=None,
                    help="plan search: KV bytes as a fraction of the source's (0.5: at most half the producers)")
+    p.add_argument("--max-kl", type=non_negative_float, default=None, metavar="X",
+                   help="plan search: the fewest producers whose KL to the original model (nats/token on the "
+                        "calibration tokens) stays <= X: merging stops before a merge that would cost more (see "
+                        "`crosslayer frontier` for the KL and held-out perplexity of every budget)")
     p.add_argument("--metric", default="kl", choices=METRICS,
                    help="plan search: cost of a plan on the calibration tokens (kl: to the original model; loss: "
                         "cross-entropy)")
@@ -109,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
     searching = args.plan == "search"
     if not searching and (args.producers is not None or args.kv_budget is not None or args.search_tokens is not None):
         raise CrossLayerError("--producers, --kv-budget and --search-tokens belong to --plan search")
+    if not searching and args.max_kl is not None:
+        raise CrossLayerError("--max-kl belongs to --plan search")
     search = Searcher(args.producers, args.kv_budget, args.metric, args.search_tokens or SEARCH_TOKENS,
-                      progress=not args.no_progress) if searching else None
+                      progress=not args.no_progress, max_kl=args.max_kl) if searching else None
     s = convert(args.src, args.out, args.cla_factor, args.cla_pattern, args.kv_init, args.dtype,
                 gguf_file=args.gguf_file, plan=None if searching else args.plan, search=search,
                 calibration=args.calibration, calibration_tokens=args.calibration_tokens,
@@ -131,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {'producers':>9s} {'cost':>8s}  step")
         for step in r["steps"]:
             print(f"  {step['producers']:>9d} {step['cost']:>8.4f}  {step['step']}")
+        if r["refused"]:
+            print(f"  {'':>9s} {r['refused']['cost']:>8.4f}  not taken: {r['refused']['step']} (over --max-kl "
+                  f"{r['max_kl']:g})")
     print(f"K/V producers     {n} -> {len(s['producers'])} of {n} layers ({s['chosen_by']}, kv_init {s['kv_init']})")
     print(f"sharing groups    {s['plan']}")
     print(f"KV bytes / token  {s['kv_bytes_before']:,} -> {s['kv_bytes_after']:,} (16-bit)")
