@@ -191,6 +191,11 @@ class _Search:
         self.sizes, self.cost = sizes, cost
         self.hidden.update(run.hidden)
         kv_sources = from_groups(sizes)
+        # only the new plan's fitted groups stay: the candidates fitted so far would pile up (a Llama-2-7B-shape
+        # group's map is 128 MB in fp32; its search held 15 GB of them), and a candidate measured again is refitted
+        kept = {tuple(members) for members in kv_groups(kv_sources).values()}
+        for group in [g for g in self.reference._fits if g not in kept]:
+            del self.reference._fits[group]
         plan = describe(kv_sources)
         self.steps.append({"step": what, "from": before, "plan": plan, "kv_sources": kv_sources, "producers": len(sizes),
                            "cost": round(cost, 5), "evaluations": self.evaluations,
