@@ -35,7 +35,7 @@ import torch
 from .calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, Calibration, read_calibration, resolve_compute_dtype
 from .config import describe
 from .convert import dense_copy, load_source, share_kv, sharing_config, target_config
-from .device import cpu_model, dtype_name
+from .device import device_name, dtype_name, pick_device, sync
 from .errors import CrossLayerError
 from .eval.perplexity import read_text, strided_nll
 from .loading import load_tokenizer, read_source_config, split_model_spec
@@ -121,13 +121,17 @@ def frontier(model: str | Path, calibration: str, heldout: str, out: str | Path,
              min_kv_fraction: float | None = None, gguf_file: str | None = None, compute_dtype: str = "auto",
              calibration_tokens: int | None = None, calibration_seq_len: int | None = None,
              search_tokens: int = SEARCH_TOKENS, heldout_tokens: int = HELDOUT_TOKENS,
-             heldout_window: int = HELDOUT_WINDOW, refine: bool = True, progress: bool = False) -> dict[str, Any]:
+             heldout_window: int = HELDOUT_WINDOW, refine: bool = True, progress: bool = False,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
     """Measure every KV budget of `model` (a folder, hub id or GGUF file of a Llama / Mistral / Qwen2 or dense
     crosslayer model) from the dense model down to `floor` producers (or the fewest keeping `min_kv_fraction` of
     the KV bytes), and write OUT (module docstring). `calibration` (text files / glob / prepared folder, as for
     `crosslayer convert`) is what the search and the K/V fits read; `heldout` the text every budget is scored on.
-    Returns frontier.json's record. Every check runs before the weights are read; `out` must not exist."""
+    The model, its calibration, the search and the scoring run on `device` (auto: a GPU where there is one); the
+    model is read whole, in fp32. Returns frontier.json's record. Every check runs before the weights are read;
+    `out` must not exist."""
     t0 = time.perf_counter()
+    device = pick_device(device)
     out = Path(out)
     if out.exists():
         raise CrossLayerError(f"{out} already exists; choose a new folder (nothing is overwritten)")
@@ -144,7 +148,7 @@ def frontier(model: str | Path, calibration: str, heldout: str, out: str | Path,
     if heldout_window > dense_config.max_position_embeddings:
         raise CrossLayerError(f"held-out windows of {heldout_window} tokens are longer than the model's "
                               f"{dense_config.max_position_embeddings} positions")
-    work_dtype = resolve_compute_dtype(compute_dtype)
+    work_dtype = resolve_compute_dtype(compute_dtype, device)
     tokenizer = load_tokenizer(location, gguf_file)
     seq_len = min(calibration_seq_len or CALIBRATION_SEQ_LEN, dense_config.max_position_embeddings)
     tokens = read_calibration(calibration, tokenizer, calibration_tokens or CALIBRATION_TOKENS, seq_len)
@@ -153,7 +157,8 @@ def frontier(model: str | Path, calibration: str, heldout: str, out: str | Path,
         raise CrossLayerError(f"the tokenizer gives id {int(windows.max())}, past the model's vocabulary of "
                               f"{dense_config.vocab_size}: the tokenizer and the model do not belong together")
 
-    dense = dense_copy(load_source(location, gguf_file, torch.float32), raw)
+    dense = dense_copy(load_source(location, gguf_file, torch.float32), raw).to(device)
+    sync(device)
     t_calibration = time.perf_counter()
     activations = Calibration(dense, tokens, progress=progress, compute_dtype=work_dtype)
     t_search = time.perf_counter()
@@ -172,6 +177,7 @@ def frontier(model: str | Path, calibration: str, heldout: str, out: str | Path,
                      "kv_sources": plan["kv_sources"], "calibration_kl": plan["kl"], "merge_kl": plan["merge_kl"],
                      "heldout_ppl": scored["perplexity"], "heldout_nll": scored["nll"]})
         log.info(f"[frontier] {producers} producers: held-out ppl {scored['perplexity']:.2f}")
+    sync(device)
     front = set(pareto_front([(r["kv_fraction"], r["heldout_ppl"]) for r in rows]))
     for i, row in enumerate(rows):
         row["pareto"] = i in front
@@ -190,7 +196,7 @@ def frontier(model: str | Path, calibration: str, heldout: str, out: str | Path,
         "seconds": {"load": round(t_calibration - t0, 1), "calibration": round(t_search - t_calibration, 1),
                     "search": round(t_score - t_search, 1), "scoring": round(t_end - t_score, 1),
                     "total": round(t_end - t0, 1)},
-        "cpu": cpu_model(),
+        "device": device_name(device),
     }
     _write_atomically(out, record)
     record["out"] = str(out)
@@ -209,7 +215,7 @@ def markdown_table(record: dict[str, Any]) -> str:
              f"{record['layers']} layers down to {record['floor']} producers. Calibration: {c['tokens']:,} tokens of "
              f"{c['data']} ({c['compute_dtype']}); plans scored on the first {c['search_tokens']:,}. Held-out: the first "
              f"{h['tokens']:,} tokens of {h['data']} as {h['windows']} x {h['window']:,} ({h['tokens_scored']:,} scored, "
-             f"{h['dtype']}). Plans: {record['plans']}. {record['seconds']['total']:.0f} s on {record['cpu']}.", "",
+             f"{h['dtype']}). Plans: {record['plans']}. {record['seconds']['total']:.0f} s on {record['device']}.", "",
              "| producers | KV fraction | KV bytes/token | calibration KL | held-out ppl | Pareto | plan |",
              "|---:|---:|---:|---:|---:|:---:|---|"]
     for r in record["rows"]:

@@ -4,6 +4,8 @@
     python scripts/smollm2_experiment.py search   --lock ...   # crosslayer convert --plan search, per budget
     python scripts/smollm2_experiment.py matrix   --lock ...   # plans x inits, WikiText-2 ppl before recovery
     python scripts/smollm2_experiment.py recover  --lock ... [--methods full,attention] [--minutes 30]
+    python scripts/smollm2_experiment.py frontier --lock ... --producers 26,20,15   # crosslayer frontier, then
+        # each count converted with its plan and fit (runs/smollm2/fit-P), the start of a recovery per count
     python scripts/smollm2_experiment.py final    --lock ...   # full evaluations of the best models
     python scripts/smollm2_experiment.py report                # the tables, from runs/smollm2/results.json
 
@@ -221,27 +223,43 @@ def matrix(lock: str | None, budgets: list[str]) -> None:
         save(data)
 
 
+def frontier(lock: str | None, producers: list[int]) -> None:
+    """`crosslayer frontier` from 30 producers down to the fewest asked for (WikiText-2 test is only scored,
+    never searched on), then each count converted with the frontier's plan file and `fit`."""
+    out = ROOT / "frontier"
+    if not (REPO / out / "frontier.json").exists():
+        sh(["crosslayer", "frontier", GGUF, "--out", str(out), "--calibration", CALIBRATION, "--heldout", WIKI_TEST,
+            "--floor", str(min(producers)), "--no-progress"], lock, log=Path(str(out) + ".log"))
+    for count in producers:
+        model = ROOT / f"fit-{count}"
+        if not (REPO / model / "config.json").exists():
+            sh(["crosslayer", "convert", GGUF, "--out", str(model), "--plan", str(out / "plans" / f"producers-{count}.json"),
+                "--kv-init", "fit", "--calibration", CALIBRATION, "--no-progress"], lock)
+
+
 # checkpoints per recovery run (for the curves): every this many steps, by method (their step times differ)
 CHECKPOINT_EVERY = {"full": 2, "control": 2, "kv": 2, "logits": 2, "attention": 4}
 
 
 def recover(lock: str | None, methods: list[str], init: str, minutes: float, tag: str,
-            checkpoint_every: int | None = None) -> None:
+            checkpoint_every: int | None = None, extra: dict[str, str] | None = None) -> None:
     """Each recovery method for `minutes` of training wall time (`max_minutes`; constant learning rate
     after no warm-up, so a cut by time ends no schedule early), from the converted model `init`, and the
     control: the original's CLA1 copy uptrained the same way. WikiText-2 ppl of every checkpoint."""
     data = results()
     runs = data.setdefault("recover", {})
     for method in methods:
-        start = ROOT / "cla1" if method == "control" else Path(init)
-        recipe = "configs/recover-full.yaml" if method == "control" else f"configs/recover-{method}.yaml"
+        # control: the CLA1 copy uptrained (recover-full); control-M: the CLA1 copy trained by recipe M
+        start = ROOT / "cla1" if method.startswith("control") else Path(init)
+        name = "full" if method == "control" else method.removeprefix("control-")
+        recipe = f"configs/recover-{name}.yaml"
         out = ROOT / f"recover-{tag}-{method}"
         key = f"{tag}|{method}"
         if key in runs and runs[key].get("curve"):
             continue
         sets = {"max_steps": 10000, "max_minutes": minutes, "warmup_frac": 0.0, "min_lr_ratio": 1.0,
-                "batch_tokens": 2048, "micro_batch": 4, "checkpoint_every": checkpoint_every or CHECKPOINT_EVERY[method],
-                "keep_checkpoints": 50, "eval_tokens": 4096}
+                "batch_tokens": 2048, "micro_batch": 4, "checkpoint_every": checkpoint_every or CHECKPOINT_EVERY[name],
+                "keep_checkpoints": 50, "eval_tokens": 4096, **(extra or {})}
         cmd = ["crosslayer", "train", recipe, "--init", str(start), "--out", str(out), "--no-progress"]
         for k, v in sets.items():
             cmd += ["--set", f"{k}={v}"]
@@ -380,7 +398,7 @@ def _plot(runs: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("setup", "search", "matrix", "recover", "final", "report"))
+    p.add_argument("step", choices=("setup", "search", "matrix", "frontier", "recover", "final", "report"))
     p.add_argument("--lock", default=None, help="flock this file around each heavy step")
     p.add_argument("--budgets", default="50%,33%", help="comma-separated, of: " + ", ".join(BUDGETS))
     p.add_argument("--methods", default="control," + ",".join(METHODS), help="recovery methods (control: the original)")
@@ -388,6 +406,9 @@ def main() -> None:
     p.add_argument("--tag", default="50", help="names the recovery runs (recover-TAG-METHOD)")
     p.add_argument("--minutes", type=float, default=30, help="CPU minutes per recovery method")
     p.add_argument("--checkpoint-every", type=int, default=None, help="recover: steps between scored checkpoints")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recover: a training setting on top of the script's (dtype=bf16, compile=true, data=DIR)")
+    p.add_argument("--producers", default="26,20,15", help="frontier: the producer counts converted with their plans")
     p.add_argument("--models", default=f"original={GGUF}",
                    help="final: comma-separated NAME=MODEL (folder or .gguf) to evaluate; auto: the original, --init "
                         "and the recovery run that ended lowest")
@@ -400,7 +421,10 @@ def main() -> None:
     elif args.step == "matrix":
         matrix(args.lock, budgets)
     elif args.step == "recover":
-        recover(args.lock, args.methods.split(","), args.init, args.minutes, args.tag, args.checkpoint_every)
+        recover(args.lock, args.methods.split(","), args.init, args.minutes, args.tag, args.checkpoint_every,
+                dict(item.split("=", 1) for item in args.set))
+    elif args.step == "frontier":
+        frontier(args.lock, [int(p) for p in args.producers.split(",")])
     elif args.step == "final":
         models = args.models
         if models == "auto":  # the original, the converted model recovery started from, the best recovered one

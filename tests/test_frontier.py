@@ -175,6 +175,7 @@ def test_floor_from_a_kv_fraction_and_plans_without_boundary_moves(source, tmp_p
     (["--heldout", str(HELDOUT), "--floor", "3", "--heldout-window", "256", "--heldout-tokens", "256"],
      "longer than the model's 128 positions"),
     (["--heldout", str(HELDOUT), "--floor", "3", "--calibration-tokens", "32"], "32 tokens is less than one sequence"),
+    (["--heldout", str(HELDOUT), "--floor", "3", "--device", "gpu0"], "device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_flags_fail_in_one_line_and_write_nothing(args, message, source, tmp_path, capsys):
     folder, calibration = source

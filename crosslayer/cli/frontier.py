@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_json_flags, add_progress_flag, emit, positive_int
+from . import add_device_flags, add_json_flags, add_progress_flag, emit, positive_int
 from .convert import _fraction
 
 
@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep each count's merged plan (no boundary moves above the floor: faster)")
     p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
                    help="calibration activations and plan search run in this dtype (auto: bf16 on a CPU with bf16 "
-                        "matrix units, else fp32); held-out perplexity runs in fp32")
+                        "matrix units or on CUDA, else fp32); held-out perplexity runs in fp32")
+    add_device_flags(p, dtype_default=None)
     add_progress_flag(p)
     add_json_flags(p)
     p.set_defaults(func=run)
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                  min_kv_fraction=args.min_kv_fraction, gguf_file=args.gguf_file, compute_dtype=args.compute_dtype,
                  calibration_tokens=args.calibration_tokens, calibration_seq_len=args.calibration_seq_len,
                  search_tokens=args.search_tokens, heldout_tokens=args.heldout_tokens,
-                 heldout_window=args.heldout_window, refine=not args.no_refine, progress=not args.no_progress)
+                 heldout_window=args.heldout_window, refine=not args.no_refine, progress=not args.no_progress,
+                 device=args.device)
     c, h, s = r["calibration"], r["heldout"], r["seconds"]
     print(f"source            {r['source']} ({r['layers']} layers), down to {r['floor']} producers")
     print(f"calibration       {c['tokens']:,} tokens ({c['tokens'] // c['seq_len']} x {c['seq_len']}) of {c['data']}, "
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
           f"{h['tokens_scored']:,} scored, {h['dtype']})")
     print(f"plans             {r['plans']}: {r['search']['evaluations']} plans measured")
     print(f"time              {s['total']:.0f} s (loading {s['load']:.0f}, calibration {s['calibration']:.0f}, search "
-          f"{s['search']:.0f}, held-out {s['scoring']:.0f}) on {r['cpu']}")
+          f"{s['search']:.0f}, held-out {s['scoring']:.0f}) on {r['device']}")
     print(f"\n{'producers':>9s} {'KV':>6s} {'KV bytes':>9s} {'calib KL':>9s} {'held-out ppl':>13s}  plan")
     for row in r["rows"]:
         print(f"{row['producers']:>9d} {row['kv_fraction']:>6.3f} {row['kv_bytes_per_token']:>9,} "
