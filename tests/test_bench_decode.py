@@ -2,6 +2,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import crosslayer
@@ -99,8 +100,10 @@ class _Output:
 
 class LLM:
     def __init__(self, model, **kwargs):
-        import os
-        assert os.path.isfile(os.path.join(model, "config.json"))
+        import json, os
+        with open(os.path.join(model, "config.json")) as f:
+            saved = json.load(f)
+        assert saved.get("dtype", saved.get("torch_dtype")) == kwargs["dtype"]  # the weights as vLLM is told
 
     def generate(self, requests, params, use_tqdm=False):
         return [_Output([r["prompt_token_ids"][-1] + 1] * params.max_tokens) for r in requests]
@@ -109,15 +112,16 @@ class LLM:
 }
 
 
-def test_vllm_reference_runs_from_the_package_in_another_python(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, name", [(torch.float32, "float32"), (torch.bfloat16, "bfloat16")])
+def test_vllm_reference_runs_from_the_package_in_another_python(dtype, name, tmp_path, monkeypatch):
     assert VLLM_RUNNER.parent == Path(crosslayer.__file__).parent / "bench"  # ships with the package, no checkout
     (tmp_path / "vllm").mkdir()
-    for name, text in FAKE_VLLM.items():
-        (tmp_path / "vllm" / name).write_text(text)
+    for file, text in FAKE_VLLM.items():
+        (tmp_path / "vllm" / file).write_text(text)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    llama, _, _ = build_models("tiny-H32-MQA-CLA2", torch.device("cpu"), torch.float32, 64)
+    llama, _, _ = build_models("tiny-H32-MQA-CLA2", torch.device("cpu"), dtype, 64)
     prompts = {1: torch.tensor([[5, 6, 7]]), 2: torch.tensor([[1, 2, 3], [4, 5, 9]])}
     result = vllm_reference(llama, prompts, new_tokens=3, repeats=2, python=sys.executable)
     assert result["version"] == "0.0-fake"
     assert result[1]["tokens"] == [[8, 8, 8]] and result[2]["tokens"] == [[4, 4, 4], [10, 10, 10]]
-    assert len(result[2]["tokens_per_s_all"]) == 2 and result[2]["tokens_per_s"] > 0 and result[2]["dtype"] == "float32"
+    assert len(result[2]["tokens_per_s_all"]) == 2 and result[2]["tokens_per_s"] > 0 and result[2]["dtype"] == name

@@ -162,16 +162,18 @@ def build_models(preset: str | None, device: torch.device, dtype: torch.dtype, m
 def vllm_reference(llama, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: int, python: str,
                    timeout: float = 1800) -> dict[int, dict]:
     """vLLM's offline engine on `llama` (saved to a temporary folder), run by `python` (an interpreter
-    with vLLM installed): per batch size, end-to-end tokens/s and the greedy tokens."""
+    with vLLM installed) in `llama`'s dtype: per batch size, end-to-end tokens/s and the greedy tokens."""
     from transformers import LlamaForCausalLM
 
+    dtype = next(llama.parameters()).dtype
     with tempfile.TemporaryDirectory(prefix="crosslayer-vllm-") as tmp:
         plain = LlamaForCausalLM(llama.config)  # a checkpoint read from GGUF refuses save_pretrained
         plain.load_state_dict(llama.state_dict())
-        plain.to(torch.float32).save_pretrained(tmp)
+        plain.to(dtype).save_pretrained(tmp)
         out = Path(tmp) / "result.json"
         request = {"model": tmp, "prompts": {str(b): ids.tolist() for b, ids in prompts.items()},
-                   "new_tokens": new_tokens, "repeats": repeats, "dtype": "float32", "out": str(out)}
+                   "new_tokens": new_tokens, "repeats": repeats, "dtype": str(dtype).removeprefix("torch."),
+                   "out": str(out)}
         proc = subprocess.run([python, str(VLLM_RUNNER)], input=json.dumps(request), capture_output=True, text=True,
                               timeout=timeout)
         result = json.loads(out.read_text()) if proc.returncode == 0 else None
