@@ -22,6 +22,17 @@ def shared_data() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory):
+    """Real text for calibration: the first 60 kB of WikiText-2 validation."""
+    src = DATA / "wikitext-2" / "wiki.valid.raw"
+    if not src.exists():
+        pytest.skip(f"{src} absent")
+    path = tmp_path_factory.mktemp("calib") / "valid.txt"
+    path.write_text(src.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

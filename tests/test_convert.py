@@ -539,17 +539,6 @@ def test_fit_needs_calibration_and_inits_are_checked():
 # Plans on the command line
 
 
-@pytest.fixture(scope="module")
-def calibration_text(tmp_path_factory):
-    """Real text for calibration: the first 60 kB of WikiText-2 validation."""
-    src = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.raw"
-    if not src.exists():
-        pytest.skip(f"{src} absent")
-    path = tmp_path_factory.mktemp("calib") / "valid.txt"
-    path.write_text(src.read_text(encoding="utf-8")[:60000], encoding="utf-8")
-    return path
-
-
 def test_cli_plan_search_writes_a_plan_a_later_conversion_reads(tmp_path, qwen2_folder, calibration_text, capsys):
     out = tmp_path / "searched"
     assert main(["convert", str(qwen2_folder), "--out", str(out), "--plan", "search", "--kv-budget", "0.5",

@@ -18,7 +18,6 @@ from crosslayer.loading import load_tokenizer
 from crosslayer.plan import Searcher
 from crosslayer.weights import SafetensorsWeights, SafetensorsWriter, TensorInfo, open_weights
 
-from .conftest import REPO
 from .test_convert import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,17 +118,6 @@ def sources(tmp_path_factory, wiki_tokenizer):
     models["llama"].save_pretrained(root / "sharded", max_shard_size="300KB")
     wiki_tokenizer.save_pretrained(root / "sharded")
     return root
-
-
-@pytest.fixture(scope="module")
-def calibration_text(tmp_path_factory):
-    """Real text for calibration: the first 60 kB of WikiText-2 validation."""
-    src = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.raw"
-    if not src.exists():
-        pytest.skip(f"{src} absent")
-    path = tmp_path_factory.mktemp("calib") / "valid.txt"
-    path.write_text(src.read_text(encoding="utf-8")[:60000], encoding="utf-8")
-    return path
 
 
 def tokens_of(src: Path, calibration_text: Path) -> torch.Tensor:

@@ -129,6 +129,24 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
 
 
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    """How calibration text is read and computed (convert and frontier): tokens, sequence length, the tokens plans
+    are scored on, the compute dtype. Each command adds its own --calibration."""
+    from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, COMPUTE_DTYPES
+    from ..plan import SEARCH_TOKENS
+
+    p.add_argument("--calibration-tokens", type=positive_int, default=None,
+                   help=f"calibration tokens read (default: {CALIBRATION_TOKENS})")
+    p.add_argument("--calibration-seq-len", type=positive_int, default=None,
+                   help=f"tokens per calibration sequence (default: {CALIBRATION_SEQ_LEN})")
+    p.add_argument("--search-tokens", type=positive_int, default=None,
+                   help=f"plan search: score plans on the first this many calibration tokens (default: {SEARCH_TOKENS}; "
+                        "the K/V fits use all of --calibration-tokens)")
+    p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
+                   help="calibration activations and plan search run in this dtype (auto: bf16 on CUDA or on a CPU "
+                        "with bf16 matrix units, else fp32); plan costs and the K/V fit are summed in fp32/fp64")
+
+
 def add_device_flags(p: argparse.ArgumentParser, dtype_default: str | None = "auto",
                      dtype_help: str = "auto: bf16 on CUDA, fp32 on CPU") -> None:
     """--device, and --dtype (default `dtype_default`; None: the command takes no --dtype)."""

@@ -34,12 +34,11 @@ _size.type_name = "size"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, COMPUTE_DTYPES
     from ..config import CLA_PATTERNS
     from ..convert import KV_INITS
     from ..device import DTYPE_CHOICES
-    from ..plan import METRICS, SEARCH_TOKENS
-    from . import add_device_flags
+    from ..plan import METRICS
+    from . import add_calibration_flags, add_device_flags
 
     p = sub.add_parser(
         "convert", help="convert a Llama / Mistral / Qwen2 (or dense crosslayer) checkpoint into a CLA model",
@@ -75,18 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None, metavar="DATA",
                    help="text file or glob (or a folder prepared with the model's tokenizer) for --kv-init fit and "
                         "--plan search; not the text you evaluate on")
-    p.add_argument("--calibration-tokens", type=positive_int, default=None,
-                   help=f"calibration tokens read (default: {CALIBRATION_TOKENS})")
-    p.add_argument("--calibration-seq-len", type=positive_int, default=None,
-                   help=f"tokens per calibration sequence (default: {CALIBRATION_SEQ_LEN})")
-    p.add_argument("--search-tokens", type=positive_int, default=None,
-                   help=f"plan search: score plans on the first this many calibration tokens (default: {SEARCH_TOKENS}; "
-                        "the final fit uses all of --calibration-tokens)")
-    p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
-                   help="calibration activations and plan search run in this dtype (auto: bf16 on CUDA or on a CPU "
-                        "with bf16 matrix units, else fp32); plan costs and the K/V fit are summed in fp32/fp64; "
-                        "OUT's weights follow --dtype")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights of OUT (auto: the source's)")
+    add_calibration_flags(p)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights of OUT (auto: the source's), whatever --compute-dtype is")
     add_device_flags(p, dtype_default=None)
     p.add_argument("--activations", default="auto", metavar="auto|memory|DIR",
                    help="where a CPU keeps the calibration activations: memory, a folder (written there, read back "

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_device_flags, add_json_flags, add_progress_flag, emit, positive_int
+from . import add_calibration_flags, add_device_flags, add_json_flags, add_progress_flag, emit, positive_int
 from .convert import _fraction
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, COMPUTE_DTYPES
     from ..frontier import HELDOUT_TOKENS, HELDOUT_WINDOW
-    from ..plan import SEARCH_TOKENS
 
     p = sub.add_parser(
         "frontier", help="measure every KV budget of a model before converting it: KL and held-out perplexity",
@@ -29,26 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text file or glob (or a folder prepared with the model's tokenizer) the search and the K/V "
                         "fits read; not the text you evaluate on")
     p.add_argument("--heldout", required=True, metavar="TEXT",
-                   help="text file, glob or hf:NAME[:CONFIG[:SPLIT]] every budget is scored on")
+                   help="text file, glob or hf:NAME[:CONFIG[:SPLIT]] every budget is scored on (in fp32)")
     p.add_argument("--floor", type=positive_int, default=None, metavar="N", help="the fewest producers measured")
     p.add_argument("--min-kv-fraction", type=_fraction, default=None, metavar="F",
                    help="instead of --floor: the smallest KV fraction measured (0.5: down to half the producers)")
-    p.add_argument("--calibration-tokens", type=positive_int, default=None,
-                   help=f"calibration tokens read (default: {CALIBRATION_TOKENS})")
-    p.add_argument("--calibration-seq-len", type=positive_int, default=None,
-                   help=f"tokens per calibration sequence (default: {CALIBRATION_SEQ_LEN})")
-    p.add_argument("--search-tokens", type=positive_int, default=SEARCH_TOKENS,
-                   help=f"score plans on the first this many calibration tokens (default: {SEARCH_TOKENS}; the K/V "
-                        "fits use all of --calibration-tokens)")
+    add_calibration_flags(p)
     p.add_argument("--heldout-tokens", type=positive_int, default=HELDOUT_TOKENS,
                    help=f"held-out tokens scored, from the start of the text (default: {HELDOUT_TOKENS})")
     p.add_argument("--heldout-window", type=positive_int, default=HELDOUT_WINDOW,
                    help=f"in disjoint windows of this many tokens (default: {HELDOUT_WINDOW})")
     p.add_argument("--no-refine", action="store_true",
                    help="keep each count's merged plan (no boundary moves above the floor: faster)")
-    p.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
-                   help="calibration activations and plan search run in this dtype (auto: bf16 on a CPU with bf16 "
-                        "matrix units or on CUDA, else fp32); held-out perplexity runs in fp32")
     add_device_flags(p, dtype_default=None)
     add_progress_flag(p)
     add_json_flags(p)
@@ -57,11 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..frontier import frontier
+    from ..plan import SEARCH_TOKENS
 
     r = frontier(args.model, args.calibration, args.heldout, args.out, floor=args.floor,
                  min_kv_fraction=args.min_kv_fraction, gguf_file=args.gguf_file, compute_dtype=args.compute_dtype,
                  calibration_tokens=args.calibration_tokens, calibration_seq_len=args.calibration_seq_len,
-                 search_tokens=args.search_tokens, heldout_tokens=args.heldout_tokens,
+                 search_tokens=args.search_tokens or SEARCH_TOKENS, heldout_tokens=args.heldout_tokens,
                  heldout_window=args.heldout_window, refine=not args.no_refine, progress=not args.no_progress,
                  device=args.device)
     c, h, s = r["calibration"], r["heldout"], r["seconds"]
