@@ -298,11 +298,12 @@ def _curve(out: Path, init: Path, lock: str | None) -> list[dict]:
     return curve
 
 
-def final(lock: str | None, models: dict[str, str]) -> None:
+def final(lock: str | None, models: dict[str, str], limit: int = TASK_LIMIT, tasks: str | None = None,
+          dtype: str = "auto") -> None:
     """WikiText-2 test (its first WIKI_HEAD_CHARS characters, to a line end: ppl and bits per byte) and the
-    Gutenberg validation books (the first FINAL_TOKENS tokens); the eight lm-eval tasks (--limit
-    TASK_LIMIT) and greedy chat answers, per model, through the crosslayer CLI (cut to fit a 2-core
-    CPU's time)."""
+    Gutenberg validation books (the first FINAL_TOKENS tokens); lm-eval tasks (`tasks`, default all eight; the
+    first `limit` items of each, in `dtype`) and greedy chat answers, per model, through the crosslayer CLI
+    (cut to fit a 2-core CPU's time)."""
     text = (REPO / WIKI_TEST).read_text(encoding="utf-8")
     (REPO / WIKI_HEAD).write_text(text[: text.index("\n", WIKI_HEAD_CHARS) + 1], encoding="utf-8")
     prompts = REPO / ROOT / "chat-prompts.txt"
@@ -315,7 +316,8 @@ def final(lock: str | None, models: dict[str, str]) -> None:
                          "1024"],
             "gutenberg": ["crosslayer", "eval", "ppl", model, "--data", "runs/gutenberg/valid/*.txt", "--context",
                           "1024", "--stride", "1024", "--max-tokens", str(FINAL_TOKENS)],
-            "tasks": ["crosslayer", "eval", "tasks", model, "--data-dir", "../shared/data", "--limit", str(TASK_LIMIT)],
+            "tasks": ["crosslayer", "eval", "tasks", model, "--data-dir", "../shared/data", "--limit", str(limit),
+                      "--dtype", dtype, *(["--tasks", tasks] if tasks else [])],
             "chat": ["crosslayer", "generate", model, "--chat", "--prompts-file", str(ROOT / "chat-prompts.txt"),
                      "--temperature", "0", "--max-new-tokens", "48"],
         }
@@ -409,6 +411,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recover: a training setting on top of the script's (dtype=bf16, compile=true, data=DIR)")
     p.add_argument("--producers", default="26,20,15", help="frontier: the producer counts converted with their plans")
+    p.add_argument("--task-limit", type=int, default=TASK_LIMIT, help="final: items per lm-eval task")
+    p.add_argument("--tasks", default=None, help="final: comma-separated lm-eval tasks (default: all eight)")
+    p.add_argument("--eval-dtype", default="auto", help="final: the dtype lm-eval runs the models in")
     p.add_argument("--models", default=f"original={GGUF}",
                    help="final: comma-separated NAME=MODEL (folder or .gguf) to evaluate; auto: the original, --init "
                         "and the recovery run that ended lowest")
@@ -432,7 +437,8 @@ def main() -> None:
             best = min(runs, key=lambda k: runs[k]["curve"][-1]["ppl"])
             models = (f"original={GGUF},converted={args.init},"
                       f"recovered={ROOT / ('recover-' + best.replace('|', '-'))}")
-        final(args.lock, dict(item.split("=", 1) for item in models.split(",")))
+        final(args.lock, dict(item.split("=", 1) for item in models.split(",")), args.task_limit, args.tasks,
+              args.eval_dtype)
     elif args.step == "report":
         report()
 
