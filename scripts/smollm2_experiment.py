@@ -332,7 +332,7 @@ def final(lock: str | None, models: dict[str, str], limit: int = TASK_LIMIT, tas
         save(data)
 
 
-def report() -> None:
+def report(plot: str = "docs/uptraining-smollm2/curves.png") -> None:
     """Markdown tables of everything measured, and the recovery curves (docs/uptraining-smollm2/curves.png)."""
     data = results()
     matrix_rows = data.get("matrix", {})
@@ -364,7 +364,7 @@ def report() -> None:
             c = run["curve"]
             print(f"| {key} | {c[-1]['step']} | {c[-1]['tokens']:,} | {c[-1]['minutes']:.1f} | "
                   + " -> ".join(f"{p['ppl']:.2f}" for p in c) + " |")
-        _plot(runs, REPO / "docs" / "uptraining-smollm2" / "curves.png")
+        _plot(runs, REPO / plot)
     for name, evals in data.get("final", {}).items():
         w, g, tasks = evals["wikitext"], evals["gutenberg"], evals["tasks"]
         scores = {task: round(r["metrics"].get("acc_norm", r["metrics"].get("acc", float("nan"))), 4)
@@ -411,6 +411,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recover: a training setting on top of the script's (dtype=bf16, compile=true, data=DIR)")
     p.add_argument("--producers", default="26,20,15", help="frontier: the producer counts converted with their plans")
+    p.add_argument("--plot", default="docs/uptraining-smollm2/curves.png", help="report: where the curves go")
     p.add_argument("--task-limit", type=int, default=TASK_LIMIT, help="final: items per lm-eval task")
     p.add_argument("--tasks", default=None, help="final: comma-separated lm-eval tasks (default: all eight)")
     p.add_argument("--eval-dtype", default="auto", help="final: the dtype lm-eval runs the models in")
@@ -440,7 +441,7 @@ def main() -> None:
         final(args.lock, dict(item.split("=", 1) for item in models.split(",")), args.task_limit, args.tasks,
               args.eval_dtype)
     elif args.step == "report":
-        report()
+        report(args.plot)
 
 
 if __name__ == "__main__":
