@@ -68,8 +68,11 @@ def trainable_names(model: nn.Module, which: str) -> set[str]:
 
 
 def select_trainable(model: nn.Module, which: str) -> None:
-    """Freeze every parameter `which` does not train."""
+    """Freeze every parameter `which` does not train; a selection of nothing is refused."""
     chosen = trainable_names(model, which)
+    if not chosen:
+        raise CrossLayerError(f"trainable: {which} selects no parameter of this model: no layer shares another's K/V "
+                              "(every layer is its own producer), so conversion changed nothing; use trainable: all")
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
 

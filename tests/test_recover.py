@@ -106,6 +106,16 @@ def changed(root: Path, out: str) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
+def test_a_model_that_shares_nothing_refuses_kv_training_and_writes_nothing(converted):
+    convert(converted / "teacher", converted / "copy", kv_sources=[0, 1, 2, 3, 4], kv_init="mean")  # CLA1: an exact copy
+    recipe = dict(data=str(converted / "data"), out=str(converted / "copy-kv"), seq_len=32, batch_tokens=256,
+                  micro_batch=8, max_steps=2, progress=False, dtype="fp32", trainable="kv+qo")
+    (converted / "copy-kv.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(CrossLayerError, match="trainable: kv[+]qo selects no parameter"):
+        train(load_train_config(converted / "copy-kv.yaml", init=str(converted / "copy")))
+    assert not (converted / "copy-kv").exists()
+
+
 def test_attention_distillation_trains_only_kv_and_resumes(converted):
     summary = recover(converted, "attn", objective="attention", teacher=str(converted / "teacher"), trainable="kv")
     rows = [json.loads(line) for line in (converted / "attn" / "metrics.jsonl").read_text().splitlines()]
